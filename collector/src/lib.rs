@@ -1,0 +1,1 @@
+//! Tollgate usage collector (filled by the collector issue).

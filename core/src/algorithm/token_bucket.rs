@@ -1,0 +1,198 @@
+//! Token bucket: `burst` tokens of capacity, refilled at `rate` tokens per `period`.
+//!
+//! The state keeps the bucket's *deficit* (how far below full it is) rather than its level, so
+//! the all-zero default state is a full bucket and a key never seen needs no initialisation.
+//! One token is `period` units and the bucket refills `rate` units per nanosecond: integer
+//! arithmetic with no rounding at all, so no runtime can drift from another.
+
+use super::codec::{tag, Reader, Writer};
+use super::{Algorithm, Outcome, ParamError, StateError};
+use crate::time::{div_ceil_u128, saturate_u64, Timestamp, NANOS_PER_SEC};
+
+/// Token bucket parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenBucket {
+    rate: u64,
+    period: u64,
+    burst: u64,
+}
+
+/// Token bucket state: the deficit in units (`tokens × period`) at `last`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenBucketState {
+    /// Units missing from a full bucket.
+    pub deficit: u128,
+    /// When `deficit` was last brought up to date.
+    pub last: Timestamp,
+}
+
+impl TokenBucket {
+    /// `rate` tokens per `period_nanos`, holding at most `burst` tokens.
+    pub fn new(rate: u64, period_nanos: u64, burst: u64) -> Result<Self, ParamError> {
+        if rate == 0 || burst == 0 {
+            return Err(ParamError::Zero);
+        }
+        if period_nanos == 0 {
+            return Err(ParamError::ZeroWindow);
+        }
+        Ok(Self {
+            rate,
+            period: period_nanos,
+            burst,
+        })
+    }
+
+    /// The refill period in whole seconds (at least 1), for `RateLimit-Policy`.
+    pub fn window_secs(&self) -> u64 {
+        self.period.div_ceil(NANOS_PER_SEC).max(1)
+    }
+
+    fn capacity(&self) -> u128 {
+        u128::from(self.burst) * u128::from(self.period)
+    }
+
+    fn units(&self, tokens: u64) -> u128 {
+        u128::from(tokens) * u128::from(self.period)
+    }
+
+    /// The state brought forward to `now`; a clock that stepped back refills nothing.
+    fn refill(&self, state: &TokenBucketState, now: Timestamp) -> TokenBucketState {
+        if now <= state.last {
+            return *state;
+        }
+        let elapsed = u128::from(now.nanos_since(state.last));
+        let refilled = elapsed.saturating_mul(u128::from(self.rate));
+        TokenBucketState {
+            deficit: state.deficit.saturating_sub(refilled),
+            last: now,
+        }
+    }
+
+    /// Nanoseconds for `units` to refill.
+    fn time_for(&self, units: u128) -> u64 {
+        saturate_u64(div_ceil_u128(units, u128::from(self.rate)))
+    }
+}
+
+impl Algorithm for TokenBucket {
+    type State = TokenBucketState;
+
+    fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
+        let current = self.refill(state, now);
+        let need = self.units(cost);
+        let capacity = self.capacity();
+        let after = current.deficit.saturating_add(need);
+        let allowed = after <= capacity;
+        let next = if allowed {
+            TokenBucketState {
+                deficit: after,
+                ..current
+            }
+        } else {
+            current
+        };
+        let remaining_units = capacity.saturating_sub(next.deficit);
+        let outcome = Outcome {
+            allowed,
+            limit: self.burst,
+            remaining: saturate_u64(remaining_units / u128::from(self.period)),
+            reset_after: self.time_for(next.deficit),
+            // A cost above the burst can never fit: the wait until full is the honest answer.
+            retry_after: if allowed {
+                0
+            } else {
+                self.time_for(after.saturating_sub(capacity))
+            },
+        };
+        (outcome, next)
+    }
+
+    fn refund(&self, state: &Self::State, now: Timestamp, cost: u64) -> Self::State {
+        let current = self.refill(state, now);
+        TokenBucketState {
+            deficit: current.deficit.saturating_sub(self.units(cost)),
+            ..current
+        }
+    }
+
+    fn charge(&self, state: &Self::State, now: Timestamp, cost: u64) -> Self::State {
+        // The deficit may exceed capacity: a debt the caller pays off before the next request.
+        let current = self.refill(state, now);
+        TokenBucketState {
+            deficit: current.deficit.saturating_add(self.units(cost)),
+            ..current
+        }
+    }
+
+    fn encode(state: &Self::State, out: &mut Vec<u8>) {
+        Writer::new(out, tag::TOKEN_BUCKET)
+            .u128(state.deficit)
+            .u64(state.last.as_nanos());
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self::State, StateError> {
+        let mut r = Reader::exact(bytes, tag::TOKEN_BUCKET, 24)?;
+        Ok(TokenBucketState {
+            deficit: r.u128()?,
+            last: Timestamp::from_nanos(r.u64()?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = NANOS_PER_SEC;
+
+    #[test]
+    fn burst_then_refill_at_rate() {
+        let tb = TokenBucket::new(1, SEC, 3).unwrap(); // 1 token/s, burst 3
+        let t0 = Timestamp::from_secs(100);
+        let mut s = TokenBucketState::default();
+        for expected_remaining in [2, 1, 0] {
+            let (o, n) = tb.acquire(&s, t0, 1);
+            assert!(o.allowed);
+            assert_eq!(o.remaining, expected_remaining);
+            s = n;
+        }
+        let (o, _) = tb.acquire(&s, t0, 1);
+        assert!(!o.allowed);
+        assert_eq!(o.retry_after, SEC);
+        assert_eq!(o.reset_after, 3 * SEC);
+        let (o, _) = tb.acquire(&s, t0.plus_nanos(SEC), 1);
+        assert!(o.allowed);
+    }
+
+    #[test]
+    fn cost_above_burst_is_denied_not_panicking() {
+        let tb = TokenBucket::new(10, SEC, 5).unwrap();
+        let (o, _) = tb.acquire(&TokenBucketState::default(), Timestamp::from_secs(1), 6);
+        assert!(!o.allowed);
+        assert!(o.retry_after > 0);
+    }
+
+    #[test]
+    fn refund_and_charge() {
+        let tb = TokenBucket::new(1, SEC, 2).unwrap();
+        let t = Timestamp::from_secs(5);
+        let (_, s) = tb.acquire(&TokenBucketState::default(), t, 2);
+        let s = tb.refund(&s, t, 1);
+        assert_eq!(tb.peek(&s, t).remaining, 1);
+        let s = tb.charge(&s, t, 5);
+        assert_eq!(tb.peek(&s, t).remaining, 0);
+        assert!(!tb.acquire(&s, t.plus_nanos(3 * SEC), 1).0.allowed);
+    }
+
+    #[test]
+    fn round_trips() {
+        let s = TokenBucketState {
+            deficit: 123_456_789_012_345,
+            last: Timestamp::from_nanos(42),
+        };
+        let mut out = Vec::new();
+        TokenBucket::encode(&s, &mut out);
+        assert_eq!(TokenBucket::decode(&out).unwrap(), s);
+        assert!(TokenBucket::decode(&out[..10]).is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! Tollgate's limiter and policy engine.
+//!
+//! Pure and I/O-free: time, state and the request come in as values, decisions come out as
+//! values. The Envoy filter, the Cloudflare Worker and the collector are thin adapters around
+//! it, which is what makes every runtime give the same answers from the same inputs.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod algorithm;
+pub mod time;
+
+pub use algorithm::{Algorithm, LimitKind, Limiter, Outcome};
+pub use time::Timestamp;

@@ -1,0 +1,1 @@
+//! Tollgate as a Cloudflare Worker (filled by the edge-worker issue).

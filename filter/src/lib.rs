@@ -1,0 +1,1 @@
+//! Tollgate as a proxy-wasm HTTP filter for Envoy (filled by the filter issue).

@@ -1,0 +1,2 @@
+//! `cargo xtask`: placeholder until the xtask work lands.
+fn main() {}
