@@ -13,3 +13,14 @@ pub mod time;
 
 pub use algorithm::{Algorithm, LimitKind, Limiter, Outcome};
 pub use time::Timestamp;
+pub mod hash;
+pub mod policy;
+
+pub use policy::{Identity, Policy, PolicyError};
+pub mod decision;
+pub mod engine;
+pub mod event;
+pub mod gate;
+
+pub use decision::{Decision, Verdict};
+pub use engine::{CounterKey, CounterStore, MemoryStore, Request, Stored};
