@@ -11,7 +11,10 @@ fn every_json_example_in_the_policy_docs_compiles() {
         let body = &rest[start + 8..];
         let end = body.find("```").expect("unterminated code block");
         if let Err(e) = Policy::from_json(&body[..end]) {
-            panic!("docs/policy.md example #{} does not compile: {e}", blocks + 1);
+            panic!(
+                "docs/policy.md example #{} does not compile: {e}",
+                blocks + 1
+            );
         }
         blocks += 1;
         rest = &body[end + 3..];
