@@ -81,11 +81,14 @@ impl CalendarQuota {
         match self.period {
             CalendarPeriod::Day => {
                 let n = now.as_nanos();
-                let start = if n < self.anchor_time {
-                    0
-                } else {
-                    (n - self.anchor_time) / DAY * DAY + self.anchor_time
-                };
+                if n < self.anchor_time {
+                    // Before the first boundary after the epoch: that period, cut at the epoch.
+                    return (
+                        Timestamp::from_nanos(0),
+                        Timestamp::from_nanos(self.anchor_time),
+                    );
+                }
+                let start = (n - self.anchor_time) / DAY * DAY + self.anchor_time;
                 (
                     Timestamp::from_nanos(start),
                     Timestamp::from_nanos(start.saturating_add(DAY)),
@@ -109,11 +112,12 @@ impl CalendarQuota {
             };
             self.boundary_in(first)
         };
-        let (Some(prev), Some(this), Some(next)) = (boundary(-1), boundary(0), boundary(1)) else {
+        let (Some(this), Some(next)) = (boundary(0), boundary(1)) else {
             return (now, Timestamp::from_nanos(u64::MAX));
         };
         if now < this {
-            (prev, this)
+            // Only the month before January 1970 has no boundary: cut that period at the epoch.
+            (boundary(-1).unwrap_or_default(), this)
         } else {
             (this, next)
         }
@@ -273,6 +277,44 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.retry_after, NANOS_PER_SEC);
         assert!(q.acquire(&s, at("2026-07-01T06:00:00Z"), 1).0.allowed);
+    }
+
+    #[test]
+    fn periods_before_the_first_boundary_after_the_epoch_end_at_it() {
+        // Regression: a daily period with an anchor time ended at 1970-01-02T00:00 instead of at
+        // the anchor time, so its state outlived the period and `bounds` disagreed with it; a
+        // monthly period in January 1970 was `(now, u64::MAX)`, a quota that never reset.
+        let q =
+            CalendarQuota::new(3, CalendarPeriod::Day, Some(at("2020-05-05T06:00:00Z"))).unwrap();
+        let six = at("1970-01-01T06:00:00Z");
+        assert_eq!(
+            q.bounds(at("1970-01-01T05:00:00Z")),
+            (Timestamp::default(), six)
+        );
+        assert_eq!(q.bounds(six), (six, at("1970-01-02T06:00:00Z")));
+        let (_, s) = q.acquire(
+            &CalendarQuotaState::default(),
+            at("1970-01-01T05:00:00Z"),
+            1,
+        );
+        let (_, s) = q.acquire(&s, at("1970-01-01T07:00:00Z"), 2);
+        // 1970-01-02T00:00 is inside the period that started at 06:00 and has used 2 of 3.
+        assert!(!q.acquire(&s, at("1970-01-02T00:00:00Z"), 2).0.allowed);
+
+        let m = CalendarQuota::new(3, CalendarPeriod::Month, None).unwrap();
+        let feb = at("1970-02-01T00:00:00Z");
+        assert_eq!(
+            m.bounds(at("1970-01-15T00:00:00Z")),
+            (Timestamp::default(), feb)
+        );
+        let (_, s) = m.acquire(
+            &CalendarQuotaState::default(),
+            at("1970-01-15T00:00:00Z"),
+            3,
+        );
+        let (d, _) = m.acquire(&s, at("1970-01-20T00:00:00Z"), 1);
+        assert_eq!(d.retry_after, feb.nanos_since(at("1970-01-20T00:00:00Z")));
+        assert!(m.acquire(&s, feb, 1).0.allowed);
     }
 
     #[test]

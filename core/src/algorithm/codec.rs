@@ -28,7 +28,7 @@ pub(crate) mod tag {
     pub const GCRA: u8 = 0x21;
     pub const FIXED_WINDOW: u8 = 0x31;
     pub const SLIDING_WINDOW: u8 = 0x41;
-    pub const SLIDING_LOG: u8 = 0x51;
+    pub const SLIDING_LOG: u8 = 0x52; // 0x51 had no high-water mark
     pub const CONCURRENCY: u8 = 0x61;
     pub const CALENDAR_QUOTA: u8 = 0x71;
 }

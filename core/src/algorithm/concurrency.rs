@@ -4,7 +4,7 @@
 //! A runtime can die between acquire and release (a worker restart, a dropped stream), and a
 //! plain counter would then leak slots forever. So leases also expire: they are counted in a
 //! ring of 16 buckets of `max_hold / 15` each, and a bucket older than 15 buckets is dropped.
-//! A lease therefore lives between `max_hold` and `16/15 × max_hold` unless released — the
+//! A lease therefore lives between `max_hold` and `16 × ⌈max_hold / 15⌉` unless released — the
 //! bounded error we accept for state of a fixed 137 bytes whatever the limit.
 
 use super::codec::{tag, Reader, Writer};

@@ -1,6 +1,10 @@
 //! Sliding log: remembers when each unit was spent and allows at most `limit` units in any span
 //! of one window — exact, at the cost of state that grows with the limit. Meant for small exact
 //! limits (say 5 password resets per hour), so the limit is capped at [`SlidingLog::MAX_LIMIT`].
+//!
+//! The state also keeps the latest time it has seen, and every operation runs at
+//! `max(now, seen)`: a clock that steps back then changes nothing. Without it, an entry logged
+//! while the clock was behind would leave the window early and let more than `limit` through.
 
 use super::codec::{tag, Reader, Writer};
 use super::{Algorithm, Outcome, ParamError, StateError};
@@ -25,6 +29,8 @@ pub struct LogEntry {
 /// Sliding log state: entries oldest first, none older than one window.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SlidingLogState {
+    /// The latest time any operation ran at (a high-water mark against clocks stepping back).
+    pub seen: Timestamp,
     /// Acquisitions still inside the window.
     pub entries: Vec<LogEntry>,
 }
@@ -57,15 +63,16 @@ impl SlidingLog {
         self.window.div_ceil(NANOS_PER_SEC).max(1)
     }
 
-    /// Drops entries that have left the window ending at `now`.
-    fn live(&self, state: &SlidingLogState, now: Timestamp) -> SlidingLogState {
+    /// The state at `max(now, seen)`, without the entries that have left the window by then.
+    fn live(&self, state: &SlidingLogState, now: Timestamp) -> (SlidingLogState, Timestamp) {
+        let now = now.max(state.seen);
         let entries = state
             .entries
             .iter()
             .filter(|e| e.at.as_nanos().saturating_add(self.window) > now.as_nanos())
             .copied()
             .collect();
-        SlidingLogState { entries }
+        (SlidingLogState { seen: now, entries }, now)
     }
 
     fn used(state: &SlidingLogState) -> u64 {
@@ -80,14 +87,12 @@ impl SlidingLog {
             .saturating_sub(now.as_nanos())
     }
 
-    /// Appends `cost` units at `now`; entries stay ordered even when the clock steps back, by
-    /// stamping the new entry no earlier than the newest (it then expires later, never sooner).
+    /// Appends `cost` units at `now` (never earlier than any entry: `now` is past `seen`).
     fn push(state: &mut SlidingLogState, now: Timestamp, cost: u64) {
-        let at = state.entries.last().map_or(now, |last| last.at.max(now));
         let cost = u32::try_from(cost).unwrap_or(u32::MAX);
         match state.entries.last_mut() {
-            Some(last) if last.at == at => last.cost = last.cost.saturating_add(cost),
-            _ => state.entries.push(LogEntry { at, cost }),
+            Some(last) if last.at == now => last.cost = last.cost.saturating_add(cost),
+            _ => state.entries.push(LogEntry { at: now, cost }),
         }
     }
 }
@@ -96,7 +101,7 @@ impl Algorithm for SlidingLog {
     type State = SlidingLogState;
 
     fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
-        let mut next = self.live(state, now);
+        let (mut next, now) = self.live(state, now);
         let used = Self::used(&next);
         let allowed = used.saturating_add(cost) <= self.limit;
         let mut retry_after = 0;
@@ -110,7 +115,8 @@ impl Algorithm for SlidingLog {
             retry_after = self.window; // a cost above the limit never fits
             for entry in &next.entries {
                 freed += u64::from(entry.cost);
-                if used - freed + cost <= self.limit {
+                // Saturating: `cost` may be anything up to u64::MAX (it then never fits).
+                if (used - freed).saturating_add(cost) <= self.limit {
                     retry_after = self.expiry(entry, now).max(1);
                     break;
                 }
@@ -128,7 +134,7 @@ impl Algorithm for SlidingLog {
 
     fn refund(&self, state: &Self::State, now: Timestamp, cost: u64) -> Self::State {
         // Take back from the newest entries: those are the ones the refunded request added.
-        let mut next = self.live(state, now);
+        let (mut next, _) = self.live(state, now);
         let mut left = cost;
         while left > 0 {
             let Some(last) = next.entries.last_mut() else {
@@ -145,7 +151,7 @@ impl Algorithm for SlidingLog {
     }
 
     fn charge(&self, state: &Self::State, now: Timestamp, cost: u64) -> Self::State {
-        let mut next = self.live(state, now);
+        let (mut next, now) = self.live(state, now);
         if cost > 0 {
             Self::push(&mut next, now, cost);
         }
@@ -154,6 +160,7 @@ impl Algorithm for SlidingLog {
 
     fn encode(state: &Self::State, out: &mut Vec<u8>) {
         let mut w = Writer::new(out, tag::SLIDING_LOG);
+        w.u64(state.seen.as_nanos());
         for e in &state.entries {
             w.u64(e.at.as_nanos()).u32(e.cost);
         }
@@ -161,12 +168,14 @@ impl Algorithm for SlidingLog {
 
     fn decode(bytes: &[u8]) -> Result<Self::State, StateError> {
         let mut r = Reader::tagged(bytes, tag::SLIDING_LOG)?;
-        if r.remaining() % 12 != 0 {
+        if r.remaining() < 8 || (r.remaining() - 8) % 12 != 0 {
+            let whole = r.remaining().saturating_sub(8) / 12 * 12;
             return Err(StateError::WrongLength {
-                expected: 1 + r.remaining() / 12 * 12,
+                expected: 9 + whole,
                 found: bytes.len(),
             });
         }
+        let seen = Timestamp::from_nanos(r.u64()?);
         let mut entries = Vec::with_capacity(r.remaining() / 12);
         while r.remaining() > 0 {
             entries.push(LogEntry {
@@ -174,7 +183,7 @@ impl Algorithm for SlidingLog {
                 cost: r.u32()?,
             });
         }
-        Ok(SlidingLogState { entries })
+        Ok(SlidingLogState { seen, entries })
     }
 }
 
@@ -195,6 +204,18 @@ mod tests {
         assert!(log.acquire(&s, Timestamp::from_secs(11), 1).0.allowed);
         assert!(!log.acquire(&s, Timestamp::from_secs(18), 2).0.allowed);
         assert!(log.acquire(&s, Timestamp::from_secs(19), 2).0.allowed);
+    }
+
+    #[test]
+    fn huge_cost_is_denied_not_overflowing() {
+        // Regression: the retry_after search computed `used - freed + cost`, which overflowed
+        // (a panic in debug builds) for a cost near u64::MAX against a log of several entries.
+        let log = SlidingLog::new(5, 10 * SEC).unwrap();
+        let (_, s) = log.acquire(&SlidingLogState::default(), Timestamp::from_secs(1), 1);
+        let (_, s) = log.acquire(&s, Timestamp::from_secs(2), 1);
+        let (d, _) = log.acquire(&s, Timestamp::from_secs(3), u64::MAX);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, 10 * SEC);
     }
 
     #[test]
