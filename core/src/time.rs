@@ -57,11 +57,6 @@ pub const fn ceil_secs(nanos: u64) -> u64 {
     nanos.div_ceil(NANOS_PER_SEC)
 }
 
-/// `a / b` rounded up, for u128 arithmetic. `b` must be non-zero (callers validate parameters).
-pub(crate) const fn div_ceil_u128(a: u128, b: u128) -> u128 {
-    a.div_ceil(b)
-}
-
 /// Clamps a u128 into u64.
 pub(crate) fn saturate_u64(v: u128) -> u64 {
     u64::try_from(v).unwrap_or(u64::MAX)

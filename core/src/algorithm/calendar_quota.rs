@@ -161,6 +161,7 @@ fn to_datetime(t: Timestamp) -> Option<DateTime<Utc>> {
 impl Algorithm for CalendarQuota {
     type State = CalendarQuotaState;
 
+    #[inline]
     fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
         let current = self.current(state, now);
         let after = current.used.saturating_add(cost);

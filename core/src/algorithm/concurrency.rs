@@ -8,6 +8,7 @@
 //! bounded error we accept for state of a fixed 137 bytes whatever the limit.
 
 use super::codec::{tag, Reader, Writer};
+use super::divisor::Divisor;
 use super::{Algorithm, Outcome, ParamError, StateError};
 use crate::time::{Timestamp, NANOS_PER_SEC};
 
@@ -17,7 +18,7 @@ const BUCKETS: usize = 16;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Concurrency {
     limit: u64,
-    granularity: u64,
+    granularity: Divisor,
 }
 
 /// Concurrency state: leases counted per time bucket.
@@ -39,12 +40,15 @@ impl Concurrency {
             return Err(ParamError::ZeroWindow);
         }
         let granularity = max_hold_nanos.div_ceil(BUCKETS as u64 - 1);
-        Ok(Self { limit, granularity })
+        Ok(Self {
+            limit,
+            granularity: Divisor::new(granularity),
+        })
     }
 
     /// Advances the ring to `now`, dropping buckets that have aged out.
     fn current(&self, state: &ConcurrencyState, now: Timestamp) -> ConcurrencyState {
-        let slot = now.as_nanos() / self.granularity;
+        let slot = self.granularity.div_u64(now.as_nanos());
         if slot <= state.head {
             return *state;
         }
@@ -74,6 +78,7 @@ impl Concurrency {
 impl Algorithm for Concurrency {
     type State = ConcurrencyState;
 
+    #[inline]
     fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
         let mut next = self.current(state, now);
         let after = Self::in_flight(&next).saturating_add(cost);

@@ -2,6 +2,7 @@
 //! hourly window resets on the hour, UTC) so every node and runtime agrees on the boundaries.
 
 use super::codec::{tag, Reader, Writer};
+use super::divisor::Divisor;
 use super::{Algorithm, Outcome, ParamError, StateError};
 use crate::time::{Timestamp, NANOS_PER_SEC};
 
@@ -9,7 +10,7 @@ use crate::time::{Timestamp, NANOS_PER_SEC};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FixedWindow {
     limit: u64,
-    window: u64,
+    window: Divisor,
 }
 
 /// Fixed window state.
@@ -32,19 +33,19 @@ impl FixedWindow {
         }
         Ok(Self {
             limit,
-            window: window_nanos,
+            window: Divisor::new(window_nanos),
         })
     }
 
     /// The window in whole seconds (at least 1).
     pub fn window_secs(&self) -> u64 {
-        self.window.div_ceil(NANOS_PER_SEC).max(1)
+        self.window.get().div_ceil(NANOS_PER_SEC).max(1)
     }
 
     /// The state as of `now`: a later window starts from zero; an earlier one (the clock stepped
     /// back) keeps the stored window, so going back in time never frees units.
     fn current(&self, state: &FixedWindowState, now: Timestamp) -> FixedWindowState {
-        let index = now.as_nanos() / self.window;
+        let index = self.window.div_u64(now.as_nanos());
         if index > state.window {
             FixedWindowState {
                 window: index,
@@ -56,7 +57,10 @@ impl FixedWindow {
     }
 
     fn reset_after(&self, state: &FixedWindowState, now: Timestamp) -> u64 {
-        let end = state.window.saturating_add(1).saturating_mul(self.window);
+        let end = state
+            .window
+            .saturating_add(1)
+            .saturating_mul(self.window.get());
         end.saturating_sub(now.as_nanos())
     }
 }
@@ -64,6 +68,7 @@ impl FixedWindow {
 impl Algorithm for FixedWindow {
     type State = FixedWindowState;
 
+    #[inline]
     fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
         let current = self.current(state, now);
         let after = current.count.saturating_add(cost);

@@ -5,14 +5,15 @@
 //! with no rounding: `rate` requests per `period`, with up to `burst` at once.
 
 use super::codec::{tag, Reader, Writer};
+use super::divisor::Divisor;
 use super::{Algorithm, Outcome, ParamError, StateError};
-use crate::time::{div_ceil_u128, saturate_u64, Timestamp, NANOS_PER_SEC};
+use crate::time::{saturate_u64, Timestamp, NANOS_PER_SEC};
 
 /// GCRA parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Gcra {
-    rate: u64,
-    period: u64,
+    rate: Divisor,
+    period: Divisor,
     burst: u64,
 }
 
@@ -33,33 +34,34 @@ impl Gcra {
             return Err(ParamError::ZeroWindow);
         }
         Ok(Self {
-            rate,
-            period: period_nanos,
+            rate: Divisor::new(rate),
+            period: Divisor::new(period_nanos),
             burst,
         })
     }
 
     /// The period in whole seconds (at least 1), for `RateLimit-Policy`.
     pub fn window_secs(&self) -> u64 {
-        self.period.div_ceil(NANOS_PER_SEC).max(1)
+        self.period.get().div_ceil(NANOS_PER_SEC).max(1)
     }
 
     fn scaled(&self, now: Timestamp) -> u128 {
-        u128::from(now.as_nanos()) * u128::from(self.rate)
+        u128::from(now.as_nanos()) * u128::from(self.rate.get())
     }
 
     fn interval(&self, cost: u64) -> u128 {
-        u128::from(cost) * u128::from(self.period)
+        u128::from(cost) * u128::from(self.period.get())
     }
 
     fn to_nanos(&self, scaled: u128) -> u64 {
-        saturate_u64(div_ceil_u128(scaled, u128::from(self.rate)))
+        saturate_u64(self.rate.div_ceil(scaled))
     }
 }
 
 impl Algorithm for Gcra {
     type State = GcraState;
 
+    #[inline]
     fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
         let now_s = self.scaled(now);
         let tolerance = self.interval(self.burst); // τ + T
@@ -75,7 +77,7 @@ impl Algorithm for Gcra {
         let outcome = Outcome {
             allowed,
             limit: self.burst,
-            remaining: saturate_u64(tolerance.saturating_sub(used) / u128::from(self.period)),
+            remaining: saturate_u64(self.period.div(tolerance.saturating_sub(used))),
             reset_after: self.to_nanos(used),
             retry_after: if allowed {
                 0

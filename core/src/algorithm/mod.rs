@@ -11,6 +11,7 @@
 mod calendar_quota;
 mod codec;
 mod concurrency;
+mod divisor;
 mod fixed_window;
 mod gcra;
 mod sliding_log;
@@ -81,6 +82,16 @@ pub trait Algorithm {
     /// Decodes bytes written by `encode`.
     fn decode(bytes: &[u8]) -> Result<Self::State, StateError>;
 
+    /// Decides a request and returns only the verdict and the next state, for callers that send
+    /// no headers. Every `acquire` is `#[inline]`, so the header numbers it computes (each a
+    /// division) are dropped by the optimiser here: a bare decision costs what the algorithm
+    /// costs, the same work a limiter like governor's `check` does.
+    #[inline]
+    fn decide(&self, state: &Self::State, now: Timestamp, cost: u64) -> (bool, Self::State) {
+        let (outcome, next) = self.acquire(state, now, cost);
+        (outcome.allowed, next)
+    }
+
     /// The current standing without consuming anything.
     fn peek(&self, state: &Self::State, now: Timestamp) -> Outcome {
         self.acquire(state, now, 0).0
@@ -149,9 +160,12 @@ fn acquire_bytes<A: Algorithm>(
     bytes: Option<&[u8]>,
     now: Timestamp,
     cost: u64,
-) -> (Outcome, Vec<u8>) {
+    out: &mut Vec<u8>,
+) -> Outcome {
     let (outcome, next) = a.acquire(&load::<A>(bytes), now, cost);
-    (outcome, store::<A>(&next))
+    out.clear();
+    A::encode(&next, out);
+    outcome
 }
 
 fn refund_bytes<A: Algorithm>(a: &A, bytes: Option<&[u8]>, now: Timestamp, cost: u64) -> Vec<u8> {
@@ -165,7 +179,21 @@ fn charge_bytes<A: Algorithm>(a: &A, bytes: Option<&[u8]>, now: Timestamp, cost:
 impl Limiter {
     /// Decides against encoded state; returns the outcome and the state to write when allowed.
     pub fn acquire(&self, state: Option<&[u8]>, now: Timestamp, cost: u64) -> (Outcome, Vec<u8>) {
-        dispatch!(self, a => acquire_bytes(a, state, now, cost))
+        let mut out = Vec::with_capacity(32);
+        let outcome = self.acquire_into(state, now, cost, &mut out);
+        (outcome, out)
+    }
+
+    /// `acquire`, writing the new state into `out` (cleared first): a caller deciding many
+    /// requests reuses one buffer instead of allocating per decision.
+    pub fn acquire_into(
+        &self,
+        state: Option<&[u8]>,
+        now: Timestamp,
+        cost: u64,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        dispatch!(self, a => acquire_bytes(a, state, now, cost, out))
     }
 
     /// The standing of encoded state, consuming nothing.

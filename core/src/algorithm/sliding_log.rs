@@ -100,6 +100,7 @@ impl SlidingLog {
 impl Algorithm for SlidingLog {
     type State = SlidingLogState;
 
+    #[inline]
     fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
         let (mut next, now) = self.live(state, now);
         let used = Self::used(&next);

@@ -8,6 +8,7 @@
 //! where an exact rolling limit matters.
 
 use super::codec::{tag, Reader, Writer};
+use super::divisor::Divisor;
 use super::{Algorithm, Outcome, ParamError, StateError};
 use crate::time::{saturate_u64, Timestamp, NANOS_PER_SEC};
 
@@ -15,7 +16,7 @@ use crate::time::{saturate_u64, Timestamp, NANOS_PER_SEC};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlidingWindow {
     limit: u64,
-    window: u64,
+    window: Divisor,
 }
 
 /// Sliding window state.
@@ -40,17 +41,17 @@ impl SlidingWindow {
         }
         Ok(Self {
             limit,
-            window: window_nanos,
+            window: Divisor::new(window_nanos),
         })
     }
 
     /// The window in whole seconds (at least 1).
     pub fn window_secs(&self) -> u64 {
-        self.window.div_ceil(NANOS_PER_SEC).max(1)
+        self.window.get().div_ceil(NANOS_PER_SEC).max(1)
     }
 
     fn current(&self, state: &SlidingWindowState, now: Timestamp) -> SlidingWindowState {
-        let index = now.as_nanos() / self.window;
+        let index = self.window.div_u64(now.as_nanos());
         if index <= state.window {
             *state // same window, or the clock stepped back: keep what we counted
         } else if index == state.window + 1 {
@@ -70,13 +71,16 @@ impl SlidingWindow {
 
     /// Nanoseconds of the current window not yet elapsed at `now` (0 if `now` is past it).
     fn unelapsed(&self, state: &SlidingWindowState, now: Timestamp) -> u64 {
-        let end = state.window.saturating_add(1).saturating_mul(self.window);
-        end.saturating_sub(now.as_nanos()).min(self.window)
+        let end = state
+            .window
+            .saturating_add(1)
+            .saturating_mul(self.window.get());
+        end.saturating_sub(now.as_nanos()).min(self.window.get())
     }
 
     fn estimate(&self, state: &SlidingWindowState, now: Timestamp) -> u64 {
         let unelapsed = u128::from(self.unelapsed(state, now));
-        let weighted = (u128::from(state.previous) * unelapsed).div_ceil(u128::from(self.window));
+        let weighted = self.window.div_ceil(u128::from(state.previous) * unelapsed);
         saturate_u64(weighted).saturating_add(state.current)
     }
 
@@ -89,25 +93,27 @@ impl SlidingWindow {
                 return 0;
             }
             // Need ceil(previous × u / window) <= room, i.e. u <= room × window / previous.
-            let max_u = u128::from(room) * u128::from(self.window) / u128::from(state.previous);
+            let max_u =
+                u128::from(room) * u128::from(self.window.get()) / u128::from(state.previous);
             return unelapsed.saturating_sub(saturate_u64(max_u));
         }
         // Otherwise wait into the next window, where this window's count becomes the weight.
         let Some(room) = self.limit.checked_sub(cost) else {
-            return unelapsed.saturating_add(self.window); // never fits: a full cycle
+            return unelapsed.saturating_add(self.window.get()); // never fits: a full cycle
         };
         let max_u = if state.current == 0 {
-            u128::from(self.window)
+            u128::from(self.window.get())
         } else {
-            u128::from(room) * u128::from(self.window) / u128::from(state.current)
+            u128::from(room) * u128::from(self.window.get()) / u128::from(state.current)
         };
-        unelapsed.saturating_add(self.window.saturating_sub(saturate_u64(max_u)))
+        unelapsed.saturating_add(self.window.get().saturating_sub(saturate_u64(max_u)))
     }
 }
 
 impl Algorithm for SlidingWindow {
     type State = SlidingWindowState;
 
+    #[inline]
     fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
         let current = self.current(state, now);
         let estimate = self.estimate(&current, now);
@@ -134,7 +140,7 @@ impl Algorithm for SlidingWindow {
             reset_after: if next.current == 0 {
                 unelapsed
             } else {
-                unelapsed.saturating_add(self.window)
+                unelapsed.saturating_add(self.window.get())
             },
             retry_after: if allowed {
                 0

@@ -6,14 +6,15 @@
 //! arithmetic with no rounding at all, so no runtime can drift from another.
 
 use super::codec::{tag, Reader, Writer};
+use super::divisor::Divisor;
 use super::{Algorithm, Outcome, ParamError, StateError};
-use crate::time::{div_ceil_u128, saturate_u64, Timestamp, NANOS_PER_SEC};
+use crate::time::{saturate_u64, Timestamp, NANOS_PER_SEC};
 
 /// Token bucket parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenBucket {
-    rate: u64,
-    period: u64,
+    rate: Divisor,
+    period: Divisor,
     burst: u64,
 }
 
@@ -36,23 +37,23 @@ impl TokenBucket {
             return Err(ParamError::ZeroWindow);
         }
         Ok(Self {
-            rate,
-            period: period_nanos,
+            rate: Divisor::new(rate),
+            period: Divisor::new(period_nanos),
             burst,
         })
     }
 
     /// The refill period in whole seconds (at least 1), for `RateLimit-Policy`.
     pub fn window_secs(&self) -> u64 {
-        self.period.div_ceil(NANOS_PER_SEC).max(1)
+        self.period.get().div_ceil(NANOS_PER_SEC).max(1)
     }
 
     fn capacity(&self) -> u128 {
-        u128::from(self.burst) * u128::from(self.period)
+        u128::from(self.burst) * u128::from(self.period.get())
     }
 
     fn units(&self, tokens: u64) -> u128 {
-        u128::from(tokens) * u128::from(self.period)
+        u128::from(tokens) * u128::from(self.period.get())
     }
 
     /// The state brought forward to `now`; a clock that stepped back refills nothing.
@@ -61,7 +62,7 @@ impl TokenBucket {
             return *state;
         }
         let elapsed = u128::from(now.nanos_since(state.last));
-        let refilled = elapsed.saturating_mul(u128::from(self.rate));
+        let refilled = elapsed.saturating_mul(u128::from(self.rate.get()));
         TokenBucketState {
             deficit: state.deficit.saturating_sub(refilled),
             last: now,
@@ -70,13 +71,14 @@ impl TokenBucket {
 
     /// Nanoseconds for `units` to refill.
     fn time_for(&self, units: u128) -> u64 {
-        saturate_u64(div_ceil_u128(units, u128::from(self.rate)))
+        saturate_u64(self.rate.div_ceil(units))
     }
 }
 
 impl Algorithm for TokenBucket {
     type State = TokenBucketState;
 
+    #[inline]
     fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
         let current = self.refill(state, now);
         let need = self.units(cost);
@@ -95,7 +97,7 @@ impl Algorithm for TokenBucket {
         let outcome = Outcome {
             allowed,
             limit: self.burst,
-            remaining: saturate_u64(remaining_units / u128::from(self.period)),
+            remaining: saturate_u64(self.period.div(remaining_units)),
             reset_after: self.time_for(next.deficit),
             // A cost above the burst can never fit: the wait until full is the honest answer.
             retry_after: if allowed {
