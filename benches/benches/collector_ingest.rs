@@ -1,0 +1,553 @@
+//! Collector ingest, SQLite and PostgreSQL side by side, through a bounded loopback load
+//! generator against the real HTTP service (in this process, on 127.0.0.1):
+//!
+//! 1. **fresh**: closed loop, `CLIENTS` connections each posting pre-serialised 1,000-event
+//!    batches as fast as acknowledgements come back — sustained events/s.
+//! 2. **duplicates**: the same batches again (every event already stored) — events/s.
+//! 3. **offered 100k/s**: open loop, one 1,000-event batch every 10 ms whatever the server does
+//!    (in flight bounded at `MAX_IN_FLIGHT`; a batch that would exceed it counts as shed), ack
+//!    latency measured from the batch's scheduled send time, so a slow server cannot hide its
+//!    queueing (no coordinated omission). A probe posts one event of its own org every 100 ms and
+//!    polls `/v1/usage` until the rollups show it: visibility latency.
+//! 4. **raw COPY** (PostgreSQL): the same kind of rows COPYed straight into the same `events`
+//!    table (its unique index and partitions), 10,000 rows per transaction — the ceiling the
+//!    ingest path is measured against.
+//!
+//! Both engines run with full durability: SQLite in WAL with `synchronous=FULL`, PostgreSQL with
+//! `fsync=on` and `synchronous_commit=on`. Load generator and server share the machine's cores.
+//!
+//! Run: `cargo bench -p tollgate-benches --bench collector_ingest` (needs PostgreSQL's server
+//! binaries under /usr/lib/postgresql/*/bin; as root they run as the `postgres` user).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tollgate_collector::auth::Role;
+use tollgate_collector::cli::build_state;
+use tollgate_collector::{app, Limits, Storage};
+use tollgate_core::event::{EdgeKind, EventBatch, EventIdGenerator, UsageEvent};
+use tollgate_core::{Timestamp, Verdict};
+
+const BATCH: usize = 1_000;
+const CLIENTS: usize = 16;
+const CLOSED_BATCHES: usize = 1_200;
+const CLOSED_SECS: u64 = 8;
+const OFFERED_EPS: u64 = 100_000;
+const OPEN_SECS: u64 = 8;
+const MAX_IN_FLIGHT: usize = 256;
+const COPY_ROWS: usize = 400_000;
+
+/// A deterministic generator (xorshift64*), so both engines get the same rows.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Events shaped like edge traffic: 8 orgs × 16 users, 8 routes, mostly GET, 200 and allowed.
+fn events(ids: &mut EventIdGenerator, rng: &mut Rng, n: usize) -> Vec<UsageEvent> {
+    let now = Utc::now();
+    let ts = Timestamp::from_millis(now.timestamp_millis() as u64);
+    (0..n)
+        .map(|_| {
+            let org = rng.below(8);
+            let status = match rng.below(100) {
+                0..=89 => 200,
+                90..=94 => 404,
+                95..=97 => 429,
+                _ => 500,
+            };
+            UsageEvent {
+                id: ids.next_id(ts),
+                timestamp: now,
+                org: format!("org-{org}"),
+                user: Some(format!("key-{org}-{}", rng.below(16))),
+                plan: "pro".into(),
+                method: if rng.below(5) == 0 { "POST" } else { "GET" }.into(),
+                route: format!("/v1/resource{}/{{id}}", rng.below(8)),
+                status,
+                latency_us: 200 + rng.below(50_000),
+                request_bytes: rng.below(2_000),
+                response_bytes: rng.below(20_000),
+                cost: 1,
+                decision: if status == 429 {
+                    Verdict::Limited
+                } else {
+                    Verdict::Allowed
+                },
+                rule: None,
+                edge: EdgeKind::Envoy,
+                node: "envoy-1".into(),
+                dimensions: BTreeMap::new(),
+                metrics: BTreeMap::new(),
+                fingerprint: None,
+            }
+        })
+        .collect()
+}
+
+fn bodies(seed: u64, batches: usize) -> Vec<Arc<String>> {
+    let mut ids = EventIdGenerator::new(seed);
+    let mut rng = Rng(seed | 1);
+    (0..batches)
+        .map(|_| Arc::new(EventBatch::new(events(&mut ids, &mut rng, BATCH)).to_json()))
+        .collect()
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+struct Server {
+    url: String,
+    ingest_key: String,
+    admin_key: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_server(url: &str) -> Server {
+    let storage = Storage::connect(url, 16).await.expect("connect");
+    storage.migrate().await.expect("migrate");
+    let committers = match storage {
+        Storage::Sqlite(_) => 1,
+        Storage::Postgres(_) => 2,
+    };
+    let (state, _writer) = build_state(storage.clone(), Limits::default(), None, committers);
+    let ingest_key = tollgate_collector::api::create_key_record(&storage, "*", Role::Ingest, None)
+        .await
+        .expect("key")
+        .1
+        .reveal()
+        .to_owned();
+    let admin_key = tollgate_collector::api::create_key_record(&storage, "*", Role::Admin, None)
+        .await
+        .expect("key")
+        .1
+        .reveal()
+        .to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app(state)).await;
+    });
+    Server {
+        url: format!("http://{addr}"),
+        ingest_key,
+        admin_key,
+        task,
+    }
+}
+
+async fn post(client: &reqwest::Client, url: &str, key: &str, body: &str) -> Option<u16> {
+    let r = client
+        .post(format!("{url}/v1/events"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.as_bytes().to_vec())
+        .send()
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    let _ = r.bytes().await;
+    Some(status)
+}
+
+/// Closed loop over `bodies` for at most `secs`; events/s acknowledged.
+async fn closed_loop(server: &Server, bodies: &[Arc<String>], secs: u64) -> (f64, usize) {
+    let client = reqwest::Client::new();
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let bodies = Arc::new(bodies.to_vec());
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (client, next, acked, bodies) =
+            (client.clone(), next.clone(), acked.clone(), bodies.clone());
+        let (url, key) = (server.url.clone(), server.ingest_key.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { break };
+                if post(&client, &url, &key, body).await == Some(200) {
+                    acked.fetch_add(BATCH as u64, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let n = acked.load(Ordering::Relaxed);
+    (
+        n as f64 / started.elapsed().as_secs_f64(),
+        (n as usize) / BATCH,
+    )
+}
+
+struct OpenLoop {
+    sustained: f64,
+    p50: Duration,
+    p99: Duration,
+    shed: usize,
+    unavailable: usize,
+    visible_p50: Duration,
+    visible_p99: Duration,
+}
+
+async fn open_loop(server: &Server, bodies: Vec<Arc<String>>) -> OpenLoop {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(MAX_IN_FLIGHT)
+        .build()
+        .expect("client");
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let unavailable = Arc::new(AtomicUsize::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let interval = Duration::from_nanos(1_000_000_000 * BATCH as u64 / OFFERED_EPS);
+    let started = Instant::now();
+    let mut shed = 0;
+    let mut tasks = Vec::new();
+
+    // The visibility probe.
+    let probe = {
+        let (client, url, key) = (client.clone(), server.url.clone(), server.admin_key.clone());
+        let ingest_key = server.ingest_key.clone();
+        tokio::spawn(async move {
+            let mut ids = EventIdGenerator::new(99);
+            let mut rng = Rng(99);
+            let mut seen = Vec::new();
+            let end = Instant::now() + Duration::from_secs(OPEN_SECS);
+            let mut n = 0u64;
+            while Instant::now() < end {
+                let mut e = events(&mut ids, &mut rng, 1).remove(0);
+                e.org = "probe".into();
+                e.user = Some(format!("probe-{n}"));
+                n += 1;
+                let sent = Instant::now();
+                let ok = client
+                    .post(format!("{url}/v1/events"))
+                    .bearer_auth(&ingest_key)
+                    .body(EventBatch::new(vec![e.clone()]).to_json())
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false);
+                if ok {
+                    loop {
+                        let report: serde_json::Value = match client
+                            .get(format!("{url}/v1/usage"))
+                            .query(&[
+                                ("org", "probe"),
+                                ("granularity", "minute"),
+                                ("group_by", "user"),
+                                (
+                                    "from",
+                                    &(Utc::now() - chrono::Duration::minutes(10)).to_rfc3339(),
+                                ),
+                            ])
+                            .bearer_auth(&key)
+                            .send()
+                            .await
+                        {
+                            Ok(r) => r.json().await.unwrap_or_default(),
+                            Err(_) => break,
+                        };
+                        let user = e.user.as_deref().unwrap_or_default();
+                        let found = report["rows"]
+                            .as_array()
+                            .is_some_and(|rows| rows.iter().any(|r| r["user"] == user));
+                        if found {
+                            seen.push(sent.elapsed());
+                            break;
+                        }
+                        if sent.elapsed() > Duration::from_secs(5) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            seen
+        })
+    };
+
+    for (i, body) in bodies.into_iter().enumerate() {
+        let scheduled = started + interval * i as u32;
+        tokio::time::sleep_until(scheduled.into()).await;
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            shed += 1;
+            continue;
+        };
+        let (client, latencies, unavailable, acked) = (
+            client.clone(),
+            latencies.clone(),
+            unavailable.clone(),
+            acked.clone(),
+        );
+        let (url, key) = (server.url.clone(), server.ingest_key.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(format!("{url}/v1/events"))
+                .bearer_auth(&key)
+                .header("content-type", "application/json")
+                .body(body.as_bytes().to_vec())
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status().is_success() => {
+                    let _ = r.bytes().await;
+                    latencies.lock().expect("lock").push(scheduled.elapsed());
+                    acked.fetch_add(BATCH as u64, Ordering::Relaxed);
+                }
+                _ => {
+                    unavailable.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = started.elapsed();
+    let mut lat = latencies.lock().expect("lock").clone();
+    lat.sort();
+    let mut vis = probe.await.unwrap_or_default();
+    vis.sort();
+    OpenLoop {
+        sustained: acked.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        shed,
+        unavailable: unavailable.load(Ordering::Relaxed),
+        visible_p50: percentile(&vis, 0.5),
+        visible_p99: percentile(&vis, 0.99),
+    }
+}
+
+struct EngineResult {
+    fresh: f64,
+    duplicate: f64,
+    open: OpenLoop,
+}
+
+async fn run_engine(name: &str, url: &str) -> EngineResult {
+    let server = start_server(url).await;
+    eprintln!("[{name}] generating {CLOSED_BATCHES} batches of {BATCH}");
+    let fresh_bodies = bodies(1, CLOSED_BATCHES);
+    let (fresh, batches) = closed_loop(&server, &fresh_bodies, CLOSED_SECS).await;
+    eprintln!("[{name}] fresh: {fresh:.0} events/s ({batches} batches)");
+    let (duplicate, _) = closed_loop(&server, &fresh_bodies[..batches], CLOSED_SECS).await;
+    eprintln!("[{name}] all-duplicate: {duplicate:.0} events/s");
+    drop(fresh_bodies);
+    let open_bodies = bodies(2, (OFFERED_EPS * OPEN_SECS) as usize / BATCH);
+    let open = open_loop(&server, open_bodies).await;
+    eprintln!(
+        "[{name}] offered {OFFERED_EPS}/s: sustained {:.0}/s, ack p50 {} p99 {}, shed {}, 5xx {}",
+        open.sustained,
+        ms(open.p50),
+        ms(open.p99),
+        open.shed,
+        open.unavailable
+    );
+    server.task.abort();
+    EngineResult {
+        fresh,
+        duplicate,
+        open,
+    }
+}
+
+/// A PostgreSQL server for the run, with production durability, stopped on drop.
+struct Pg {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl Pg {
+    fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let path = self.bin.join(program);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            Command::new(&path)
+        };
+        cmd.args(args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("run a PostgreSQL binary")
+    }
+
+    fn start() -> Self {
+        let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries (/usr/lib/postgresql/*/bin): install `postgresql`")
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .collect();
+        bins.sort();
+        let bin = bins.pop().expect("no /usr/lib/postgresql/*/bin/initdb");
+        let dir = std::env::temp_dir().join(format!("tollgate-bench-pg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let as_postgres = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        if as_postgres {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let pg = Self {
+            dir: dir.clone(),
+            bin,
+            port,
+            as_postgres,
+        };
+        let data = dir.join("data").display().to_string();
+        let out = pg.run(
+            "initdb",
+            &["-D", &data, "-A", "trust", "-U", "postgres", "-E", "UTF8"],
+        );
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_buffers=512MB \
+             -c max_wal_size=8GB -c fsync=on -c synchronous_commit=on",
+            dir.display()
+        );
+        let log = dir.join("log").display().to_string();
+        let out = pg.run(
+            "pg_ctl",
+            &["-D", &data, "-o", &opts, "-l", &log, "-w", "start"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let data = self.dir.join("data").display().to_string();
+        let _ = self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// COPY of fresh rows straight into `events`, 10,000 per transaction: rows/s.
+async fn raw_copy_rate(url: &str) -> f64 {
+    let storage = Storage::connect(url, 2).await.expect("connect");
+    let Storage::Postgres(pg) = &storage else {
+        unreachable!()
+    };
+    let mut ids = EventIdGenerator::new(7);
+    let mut rng = Rng(7);
+    let texts: Vec<String> = (0..COPY_ROWS / 10_000)
+        .map(|_| tollgate_collector::db::copy_text(&events(&mut ids, &mut rng, 10_000)))
+        .collect();
+    let columns = "id, ts, org, user_id, plan, method, route, status, latency_us, \
+        request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, metrics, \
+        fingerprint, received_at";
+    let started = Instant::now();
+    for text in &texts {
+        let mut tx = pg.pool.begin().await.expect("begin");
+        let mut copy = tx
+            .copy_in_raw(&format!("COPY events ({columns}) FROM STDIN"))
+            .await
+            .expect("copy");
+        copy.send(text.as_bytes()).await.expect("send");
+        copy.finish().await.expect("finish");
+        tx.commit().await.expect("commit");
+    }
+    COPY_ROWS as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; this harness takes no arguments.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let dir = std::env::temp_dir().join(format!("tollgate-bench-sqlite-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let sqlite = run_engine("sqlite", &format!("sqlite://{}", dir.join("bench.db").display())).await;
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let pg = Pg::start();
+        let postgres = run_engine("postgres", &pg.url()).await;
+        let copy = raw_copy_rate(&pg.url()).await;
+
+        println!();
+        println!("collector ingest ({BATCH}-event batches, {CLIENTS} closed-loop clients, 2 committers on PostgreSQL)");
+        println!("{:<44} {:>16} {:>16}", "", "SQLite", "PostgreSQL");
+        let row = |label: &str, a: String, b: String| println!("{label:<44} {a:>16} {b:>16}");
+        row("fresh, closed loop (events/s)", format!("{:.0}", sqlite.fresh), format!("{:.0}", postgres.fresh));
+        row("all-duplicate resend (events/s)", format!("{:.0}", sqlite.duplicate), format!("{:.0}", postgres.duplicate));
+        row(
+            "duplicate / fresh",
+            format!("{:.2}x", sqlite.duplicate / sqlite.fresh),
+            format!("{:.2}x", postgres.duplicate / postgres.fresh),
+        );
+        row(
+            &format!("offered {OFFERED_EPS}/s: sustained (events/s)"),
+            format!("{:.0}", sqlite.open.sustained),
+            format!("{:.0}", postgres.open.sustained),
+        );
+        row("  ack latency p50", ms(sqlite.open.p50), ms(postgres.open.p50));
+        row("  ack latency p99", ms(sqlite.open.p99), ms(postgres.open.p99));
+        row(
+            "  batches shed by generator / 5xx",
+            format!("{} / {}", sqlite.open.shed, sqlite.open.unavailable),
+            format!("{} / {}", postgres.open.shed, postgres.open.unavailable),
+        );
+        row("  visible in rollups p50", ms(sqlite.open.visible_p50), ms(postgres.open.visible_p50));
+        row("  visible in rollups p99", ms(sqlite.open.visible_p99), ms(postgres.open.visible_p99));
+        row("raw COPY into events, 10k rows/txn (rows/s)", "-".into(), format!("{copy:.0}"));
+    });
+}

@@ -1,0 +1,386 @@
+//! The command line: every flag has an environment fallback (`TOLLGATE_*`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::api::{app, AppState};
+use crate::auth::Role;
+use crate::config::Limits;
+use crate::db::{OrgRecord, Storage};
+use crate::ingest::writer::Writer;
+use crate::metrics::Metrics;
+use crate::pricing::PolicyFile;
+
+/// Tollgate's usage collector.
+#[derive(Parser)]
+#[command(name = "tollgate-collector", version, about)]
+pub struct Cli {
+    /// Database: `postgres://…`, or an SQLite file (`sqlite://PATH` or a path), created on
+    /// first use.
+    #[arg(
+        long,
+        env = "TOLLGATE_DATABASE",
+        default_value = "sqlite://tollgate.db",
+        global = true,
+        hide_env_values = true
+    )]
+    pub database: String,
+    /// Database connections per process.
+    #[arg(
+        long,
+        env = "TOLLGATE_DB_CONNECTIONS",
+        default_value_t = 8,
+        global = true
+    )]
+    pub db_connections: u32,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (migrates first).
+    Serve(ServeArgs),
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Validate a policy file (the edges' policy plus `pricing`) and exit.
+    Validate {
+        /// The policy file.
+        #[arg(long, env = "TOLLGATE_POLICY")]
+        policy: PathBuf,
+    },
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manage orgs.
+    #[command(subcommand)]
+    Orgs(OrgsCommand),
+}
+
+/// `serve` flags.
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0: any free port; the address is printed).
+    #[arg(long, env = "TOLLGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The policy file with plans and prices (validated at start).
+    #[arg(long, env = "TOLLGATE_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Raw-event retention in days.
+    #[arg(long, env = "TOLLGATE_RETENTION_DAYS", default_value_t = 30)]
+    pub retention_days: u64,
+    /// Minute-rollup retention in days.
+    #[arg(long, env = "TOLLGATE_MINUTE_ROLLUP_DAYS", default_value_t = 14)]
+    pub minute_rollup_days: u64,
+    /// Largest request body in bytes.
+    #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// Events queued for commit before batches get 503.
+    #[arg(long, env = "TOLLGATE_MAX_QUEUED_EVENTS", default_value_t = 200_000)]
+    pub max_queued_events: usize,
+    /// Committer tasks (default: 1 on SQLite, 2 on PostgreSQL).
+    #[arg(long, env = "TOLLGATE_COMMITTERS")]
+    pub committers: Option<usize>,
+}
+
+/// `keys` subcommands.
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; its secret is printed once, alone on stdout.
+    Create {
+        /// Org (`*`: every org, for admin and ingest keys).
+        #[arg(long)]
+        org: String,
+        /// admin, reader or ingest.
+        #[arg(long)]
+        role: Role,
+        /// A label.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List keys (never their secrets).
+    List {
+        /// Only this org's.
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        /// The key's id (`key_…`).
+        id: String,
+    },
+}
+
+/// `orgs` subcommands.
+#[derive(Subcommand)]
+pub enum OrgsCommand {
+    /// Create an org.
+    Create {
+        /// Id, as events name it.
+        id: String,
+        /// Display name (default: the id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Its plan.
+        #[arg(long)]
+        plan: Option<String>,
+    },
+    /// List orgs.
+    List,
+}
+
+impl clap::ValueEnum for Role {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Role::Admin, Role::Reader, Role::Ingest]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_async(cli))
+}
+
+/// Reads and validates a policy file.
+pub fn load_policy(path: &Path) -> Result<PolicyFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read policy file {}", path.display()))?;
+    PolicyFile::from_json(&text).with_context(|| format!("policy file {}", path.display()))
+}
+
+async fn connect(cli: &Cli) -> Result<Storage> {
+    let url = SecretString::from(cli.database.clone());
+    let storage = Storage::connect(url.expose_secret(), cli.db_connections)
+        .await
+        .context("cannot open the database (check --database / TOLLGATE_DATABASE)")?;
+    storage
+        .migrate()
+        .await
+        .context("database migration failed")?;
+    Ok(storage)
+}
+
+async fn run_async(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Validate { policy } => {
+            let file = load_policy(policy)?;
+            println!(
+                "{}: valid ({} priced plans, policy version {})",
+                policy.display(),
+                file.pricing.len(),
+                file.policy.version()
+            );
+            Ok(())
+        }
+        Command::Migrate => {
+            let storage = connect(&cli).await?;
+            println!("migrated ({})", storage.engine());
+            Ok(())
+        }
+        Command::Serve(args) => serve(connect(&cli).await?, args.clone()).await,
+        Command::Keys(cmd) => {
+            let storage = connect(&cli).await?;
+            keys(&storage, cmd).await
+        }
+        Command::Orgs(cmd) => {
+            let storage = connect(&cli).await?;
+            orgs(&storage, cmd).await
+        }
+    }
+}
+
+async fn keys(storage: &Storage, cmd: &KeysCommand) -> Result<()> {
+    match cmd {
+        KeysCommand::Create { org, role, name } => {
+            let (record, new) = crate::api::create_key_record(storage, org, *role, name.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            eprintln!(
+                "created {} (org {}, role {}); the key below is shown only now:",
+                record.id, record.org, record.role
+            );
+            println!("{}", new.reveal());
+        }
+        KeysCommand::List { org } => {
+            println!(
+                "{:<18} {:<20} {:<7} {:<8} name",
+                "id", "org", "role", "state"
+            );
+            for k in storage.list_keys(org.as_deref()).await? {
+                let state = if k.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<18} {:<20} {:<7} {:<8} {}",
+                    k.id,
+                    k.org,
+                    k.role,
+                    state,
+                    k.name.unwrap_or_default()
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            if !storage
+                .revoke_key(id, chrono::Utc::now().timestamp())
+                .await?
+            {
+                bail!("no active key with id {id}");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+async fn orgs(storage: &Storage, cmd: &OrgsCommand) -> Result<()> {
+    match cmd {
+        OrgsCommand::Create { id, name, plan } => {
+            let org = OrgRecord {
+                id: id.clone(),
+                name: name.clone().unwrap_or_else(|| id.clone()),
+                plan: plan.clone(),
+                created_at: chrono::Utc::now().timestamp(),
+            };
+            storage.create_org(&org).await.map_err(|e| {
+                if e.is_unique_violation() {
+                    anyhow::anyhow!("org {id} already exists")
+                } else {
+                    e.into()
+                }
+            })?;
+            println!("created org {id}");
+        }
+        OrgsCommand::List => {
+            println!("{:<20} {:<12} name", "id", "plan");
+            for o in storage.list_orgs().await? {
+                println!("{:<20} {:<12} {}", o.id, o.plan.unwrap_or_default(), o.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Everything `serve` builds, for tests that want a running state without a socket.
+pub fn build_state(
+    storage: Storage,
+    limits: Limits,
+    policy: Option<PolicyFile>,
+    committers: usize,
+) -> (AppState, tokio::task::JoinHandle<()>) {
+    let metrics = Arc::new(Metrics::default());
+    let (writer, task) = Writer::spawn(
+        storage.clone(),
+        metrics.clone(),
+        limits.max_queued_events,
+        limits.max_group_events,
+        committers,
+    );
+    (
+        AppState {
+            storage,
+            writer,
+            metrics,
+            limits: Arc::new(limits),
+            policy: policy.map(Arc::new),
+        },
+        task,
+    )
+}
+
+async fn serve(storage: Storage, args: ServeArgs) -> Result<()> {
+    let policy = args.policy.as_deref().map(load_policy).transpose()?;
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        retention: Duration::from_secs(args.retention_days * 86_400),
+        max_queued_events: args.max_queued_events,
+        ..Limits::default()
+    };
+    let committers = args.committers.unwrap_or(match storage {
+        Storage::Sqlite(_) => 1,
+        Storage::Postgres(_) => 2,
+    });
+    let retention = limits.retention;
+    let minute_retention = Duration::from_secs(args.minute_rollup_days * 86_400);
+    let (state, writer_task) = build_state(storage.clone(), limits, policy, committers);
+
+    let pruner = {
+        let storage = storage.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3_600));
+            loop {
+                tick.tick().await;
+                let now = chrono::Utc::now();
+                let cutoff = now - chrono::Duration::from_std(retention).unwrap_or_default();
+                let minute_cutoff =
+                    now - chrono::Duration::from_std(minute_retention).unwrap_or_default();
+                if let Err(e) = storage.prune(cutoff, minute_cutoff).await {
+                    tracing::warn!(error = %e, "pruning failed");
+                }
+            }
+        })
+    };
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, engine = storage.engine(), committers, "collector listening");
+    println!("listening on http://{addr}");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server failed")?;
+    // Every request has been answered; the committers drain what is queued and stop.
+    tracing::info!("draining the write queue");
+    let _ = writer_task.await;
+    pruner.abort();
+    storage.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested: finishing in-flight batches");
+}

@@ -1,0 +1,441 @@
+//! Storage over SQLite (embedded default) and PostgreSQL (production). One enum rather than a
+//! trait object: the two engines share most SQL (`$N` parameters work on both), and where they
+//! differ — the ingest write path above all — each has its own module.
+
+mod postgres;
+mod sqlite;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+use tollgate_core::event::{EdgeKind, UsageEvent};
+use uuid::Uuid;
+
+use crate::auth::KeyRecord;
+use crate::rollup::Granularity;
+
+pub use postgres::{copy_text, PgStore};
+
+/// What storage can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The database said no, or could not be reached.
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database URL is not one we can use.
+    #[error("database URL: {0}")]
+    Url(String),
+}
+
+impl DbError {
+    /// Whether this is a unique-key violation (a duplicate org id, say).
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, DbError::Sqlx(sqlx::Error::Database(e)) if e.is_unique_violation())
+    }
+}
+
+/// An org (tenant).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct OrgRecord {
+    /// Id, as events name it.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Plan it pays for (prices come from the policy file's `pricing`).
+    pub plan: Option<String>,
+    /// Creation time, seconds since the epoch.
+    #[serde(default)]
+    pub created_at: i64,
+}
+
+/// One stored rollup row of one org.
+#[derive(Clone, Debug)]
+pub struct StoredRollup {
+    /// Bucket start, seconds since the epoch.
+    pub bucket: i64,
+    /// User ('' when none).
+    pub user: String,
+    /// Route template.
+    pub route: String,
+    /// Method.
+    pub method: String,
+    /// 1..5.
+    pub status_class: i64,
+    /// Decision.
+    pub decision: String,
+    /// Counters and sketch.
+    pub values: crate::rollup::RollupValues,
+}
+
+/// The database.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    /// An embedded SQLite file (WAL, synchronous=FULL: an acknowledged commit is on disk).
+    Sqlite(SqlitePool),
+    /// A PostgreSQL server.
+    Postgres(PgStore),
+}
+
+macro_rules! both {
+    ($self:expr, $pool:ident => $body:expr) => {
+        match $self {
+            Storage::Sqlite($pool) => $body,
+            Storage::Postgres(PgStore { pool: $pool, .. }) => $body,
+        }
+    };
+}
+
+type KeyRow = (String, String, String, Option<String>, i64, Option<i64>);
+type RollupRow = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<Vec<u8>>,
+);
+
+fn key_from_row(r: KeyRow) -> KeyRecord {
+    KeyRecord {
+        id: r.0,
+        org: r.1,
+        role: r.2,
+        name: r.3,
+        created_at: r.4,
+        revoked_at: r.5,
+    }
+}
+
+impl Storage {
+    /// Connects: `postgres://…` or `postgresql://…` is PostgreSQL; `sqlite:PATH`,
+    /// `sqlite://PATH` or a bare path is an SQLite file, created on first use.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, DbError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url)
+                .map_err(|e| DbError::Url(e.to_string()))?
+                .options([("client_min_messages", "warning")]);
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections.max(2))
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options)
+                .await?;
+            Ok(Storage::Postgres(PgStore::new(pool)))
+        } else {
+            let path = url
+                .strip_prefix("sqlite://")
+                .or_else(|| url.strip_prefix("sqlite:"))
+                .unwrap_or(url);
+            if path.is_empty() {
+                return Err(DbError::Url("empty SQLite path".into()));
+            }
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.max(2))
+                .connect_with(options)
+                .await?;
+            Ok(Storage::Sqlite(pool))
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Storage::Sqlite(_) => "sqlite",
+            Storage::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Applies the engine's migrations (idempotent).
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        match self {
+            Storage::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+            Storage::Postgres(pg) => {
+                sqlx::migrate!("./migrations/postgres")
+                    .run(&pg.pool)
+                    .await?;
+                pg.ensure_partitions_around(Utc::now()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A round trip to the database.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        both!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        both!(self, pool => pool.close().await)
+    }
+
+    /// Creates an org; a duplicate id is a unique violation.
+    pub async fn create_org(&self, org: &OrgRecord) -> Result<(), DbError> {
+        both!(self, pool => sqlx::query(
+            "INSERT INTO orgs (id, name, plan, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&org.id)
+        .bind(&org.name)
+        .bind(&org.plan)
+        .bind(org.created_at)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Every org, by id.
+    pub async fn list_orgs(&self) -> Result<Vec<OrgRecord>, DbError> {
+        let rows: Vec<(String, String, Option<String>, i64)> = both!(self, pool =>
+            sqlx::query_as("SELECT id, name, plan, created_at FROM orgs ORDER BY id")
+                .fetch_all(pool)
+                .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name, plan, created_at)| OrgRecord {
+                id,
+                name,
+                plan,
+                created_at,
+            })
+            .collect())
+    }
+
+    /// One org.
+    pub async fn get_org(&self, id: &str) -> Result<Option<OrgRecord>, DbError> {
+        Ok(self.list_orgs().await?.into_iter().find(|o| o.id == id))
+    }
+
+    /// Stores a key by its hash.
+    pub async fn insert_key(&self, key: &KeyRecord, hash: &str) -> Result<(), DbError> {
+        both!(self, pool => sqlx::query(
+            "INSERT INTO api_keys (id, hash, org, role, name, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&key.id)
+        .bind(hash)
+        .bind(&key.org)
+        .bind(&key.role)
+        .bind(&key.name)
+        .bind(key.created_at)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Keys (never their secrets), of one org or all.
+    pub async fn list_keys(&self, org: Option<&str>) -> Result<Vec<KeyRecord>, DbError> {
+        let rows: Vec<KeyRow> = both!(self, pool => sqlx::query_as(
+            "SELECT id, org, role, name, created_at, revoked_at FROM api_keys \
+             WHERE ($1 IS NULL OR org = $1) ORDER BY created_at, id",
+        )
+        .bind(org)
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows.into_iter().map(key_from_row).collect())
+    }
+
+    /// Revokes a key; false when there is no such unrevoked key.
+    pub async fn revoke_key(&self, id: &str, now: i64) -> Result<bool, DbError> {
+        let done = both!(self, pool => sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// The key with this secret hash, revoked or not.
+    pub async fn find_key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, DbError> {
+        let row: Option<KeyRow> = both!(self, pool => sqlx::query_as(
+            "SELECT id, org, role, name, created_at, revoked_at FROM api_keys WHERE hash = $1",
+        )
+        .bind(hash)
+        .fetch_optional(pool)
+        .await)?;
+        Ok(row.map(key_from_row))
+    }
+
+    /// Writes events (distinct ids) in one transaction, queueing the new ones for the rollups in
+    /// the same transaction. Returns, per event, whether it was new (true) or already stored
+    /// (false).
+    pub async fn write_events(
+        &self,
+        events: &[UsageEvent],
+        received_at: DateTime<Utc>,
+    ) -> Result<Vec<bool>, DbError> {
+        match self {
+            Storage::Sqlite(pool) => sqlite::write_events(pool, events, received_at).await,
+            Storage::Postgres(pg) => pg.write_events(events, received_at).await,
+        }
+    }
+
+    /// Folds up to `max` queued events into the rollups (one transaction); returns how many.
+    pub async fn fold(&self, max: usize) -> Result<usize, DbError> {
+        match self {
+            Storage::Sqlite(pool) => sqlite::fold(pool, max).await,
+            Storage::Postgres(pg) => pg.fold(max).await,
+        }
+    }
+
+    /// Events stored but not yet folded into the rollups (committed state).
+    pub async fn queued_for_rollup(&self) -> Result<i64, DbError> {
+        let n: (i64,) = both!(self, pool => sqlx::query_as("SELECT COUNT(*) FROM rollup_queue")
+            .fetch_one(pool)
+            .await)?;
+        Ok(n.0)
+    }
+
+    /// Folds until the queue is empty (tests, and shutdown).
+    pub async fn fold_all(&self) -> Result<(), DbError> {
+        for _ in 0..10_000 {
+            while self.fold(100_000).await? > 0 {}
+            if self.queued_for_rollup().await? == 0 {
+                return Ok(());
+            }
+            // Another folder holds some rows: wait for its commit.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// An org's rollup rows of one granularity with `from <= bucket < to`.
+    pub async fn rollup_rows(
+        &self,
+        org: &str,
+        granularity: Granularity,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<StoredRollup>, DbError> {
+        let rows: Vec<RollupRow> = both!(self, pool => sqlx::query_as(
+            "SELECT bucket, user_id, route, method, CAST(status_class AS BIGINT), decision, \
+             calls, errors, cost, request_bytes, response_bytes, latency_sketch FROM rollups \
+             WHERE org = $1 AND granularity = $2 AND bucket >= $3 AND bucket < $4",
+        )
+        .bind(org)
+        .bind(granularity.code())
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredRollup {
+                bucket: r.0,
+                user: r.1,
+                route: r.2,
+                method: r.3,
+                status_class: r.4,
+                decision: r.5,
+                values: crate::rollup::RollupValues {
+                    calls: r.6,
+                    errors: r.7,
+                    cost: r.8,
+                    request_bytes: r.9,
+                    response_bytes: r.10,
+                    sketch: crate::rollup::decode_sketch(r.11.as_deref()),
+                },
+            })
+            .collect())
+    }
+
+    /// How many raw events of `org` are stored, and how many distinct ids (tests and audits).
+    pub async fn count_events(&self, org: &str) -> Result<(i64, i64), DbError> {
+        let row: (i64, i64) = both!(self, pool => sqlx::query_as(
+            "SELECT COUNT(*), COUNT(DISTINCT id) FROM events WHERE org = $1",
+        )
+        .bind(org)
+        .fetch_one(pool)
+        .await)?;
+        Ok(row)
+    }
+
+    /// Whether an event with this id is stored.
+    pub async fn has_event(&self, id: Uuid) -> Result<bool, DbError> {
+        let n: (i64,) = match self {
+            Storage::Sqlite(pool) => {
+                sqlx::query_as("SELECT COUNT(*) FROM events WHERE id = $1")
+                    .bind(id.as_bytes().as_slice())
+                    .fetch_one(pool)
+                    .await?
+            }
+            Storage::Postgres(pg) => {
+                sqlx::query_as("SELECT COUNT(*) FROM events WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&pg.pool)
+                    .await?
+            }
+        };
+        Ok(n.0 > 0)
+    }
+
+    /// Deletes raw events older than `cutoff` (whole partitions on PostgreSQL) and minute
+    /// rollups older than `minute_cutoff`.
+    pub async fn prune(
+        &self,
+        cutoff: DateTime<Utc>,
+        minute_cutoff: DateTime<Utc>,
+    ) -> Result<(), DbError> {
+        match self {
+            Storage::Sqlite(pool) => {
+                sqlx::query("DELETE FROM events WHERE ts < $1")
+                    .bind(cutoff.timestamp_micros())
+                    .execute(pool)
+                    .await?;
+            }
+            Storage::Postgres(pg) => pg.drop_partitions_before(cutoff).await?,
+        }
+        both!(self, pool => sqlx::query(
+            "DELETE FROM rollups WHERE granularity = $1 AND bucket < $2",
+        )
+        .bind(Granularity::Minute.code())
+        .bind(minute_cutoff.timestamp())
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+}
+
+/// The stored name of an edge.
+pub(crate) fn edge_name(e: EdgeKind) -> &'static str {
+    match e {
+        EdgeKind::Envoy => "envoy",
+        EdgeKind::Cloudflare => "cloudflare",
+        EdgeKind::External => "external",
+    }
+}
+
+/// Custom dimensions or metrics as stored: JSON, or NULL when there are none.
+pub(crate) fn json_or_null<T: serde::Serialize>(
+    map: &std::collections::BTreeMap<String, T>,
+) -> Option<String> {
+    if map.is_empty() {
+        None
+    } else {
+        serde_json::to_string(map).ok()
+    }
+}

@@ -1,0 +1,393 @@
+//! PostgreSQL's write path: COPY into a per-connection staging table, then one statement that
+//! inserts into the day-partitioned events table (`ON CONFLICT DO NOTHING`) and queues exactly
+//! the new events for the rollups — one transaction, so a retried event is never counted twice
+//! nor zero times. The fold claims queued events, locks their rollup rows in one global order,
+//! merges and writes them, and deletes the claimed events, again in one transaction; several
+//! collector replicas can do all of this against one server.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::PgPool;
+use tollgate_core::event::UsageEvent;
+use uuid::Uuid;
+
+use super::{edge_name, json_or_null, DbError};
+use crate::rollup::{self, decode_sketch, encode_sketch, merge_sketch, Sample};
+
+type QueueRow = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+);
+
+const EVENT_COLUMNS: &str = "id, ts, org, user_id, plan, method, route, status, latency_us, \
+    request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, metrics, \
+    fingerprint, received_at";
+
+/// A PostgreSQL pool and the day partitions this process knows exist.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    /// The pool.
+    pub pool: PgPool,
+    /// Days (since the epoch) whose partition exists. Only a cache: creation is idempotent, so
+    /// replicas that each keep one never disagree.
+    partitions: Arc<Mutex<HashSet<i64>>>,
+}
+
+fn day_of(ts: DateTime<Utc>) -> i64 {
+    ts.timestamp().div_euclid(86_400)
+}
+
+fn date_of_day(day: i64) -> NaiveDate {
+    DateTime::from_timestamp(day * 86_400, 0)
+        .unwrap_or_default()
+        .date_naive()
+}
+
+/// Appends one COPY text-format field.
+fn field(out: &mut String, value: Option<&str>) {
+    match value {
+        None => out.push_str("\\N"),
+        Some(v) => {
+            for c in v.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\t' => out.push_str("\\t"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    c => out.push(c),
+                }
+            }
+        }
+    }
+}
+
+fn copy_rows(events: &[UsageEvent], received_at: DateTime<Utc>) -> String {
+    use std::fmt::Write;
+    let received = received_at.to_rfc3339();
+    let mut out = String::with_capacity(events.len() * 320);
+    for e in events {
+        let _ = write!(out, "{}\t{}\t", e.id, e.timestamp.to_rfc3339());
+        field(&mut out, Some(&e.org));
+        out.push('\t');
+        field(&mut out, e.user.as_deref());
+        out.push('\t');
+        field(&mut out, Some(&e.plan));
+        out.push('\t');
+        field(&mut out, Some(&e.method));
+        out.push('\t');
+        field(&mut out, Some(&e.route));
+        let _ = write!(
+            out,
+            "\t{}\t{}\t{}\t{}\t{}\t{}\t",
+            e.status,
+            e.latency_us,
+            e.request_bytes,
+            e.response_bytes,
+            e.cost,
+            rollup::decision_name(e.decision)
+        );
+        field(&mut out, e.rule.as_deref());
+        out.push('\t');
+        out.push_str(edge_name(e.edge));
+        out.push('\t');
+        field(&mut out, Some(&e.node));
+        out.push('\t');
+        field(&mut out, json_or_null(&e.dimensions).as_deref());
+        out.push('\t');
+        field(&mut out, json_or_null(&e.metrics).as_deref());
+        out.push('\t');
+        field(&mut out, e.fingerprint.as_deref());
+        out.push('\t');
+        out.push_str(&received);
+        out.push('\n');
+    }
+    out
+}
+
+impl PgStore {
+    pub(super) fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            partitions: Arc::default(),
+        }
+    }
+
+    /// Creates the partitions of yesterday, today and tomorrow (at start, so the first batch
+    /// does not pay for it).
+    pub(super) async fn ensure_partitions_around(&self, now: DateTime<Utc>) -> Result<(), DbError> {
+        let today = day_of(now);
+        self.ensure_partitions([today - 1, today, today + 1]).await
+    }
+
+    async fn ensure_partitions(&self, days: impl IntoIterator<Item = i64>) -> Result<(), DbError> {
+        let missing: Vec<i64> = {
+            let known = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            let mut v: Vec<i64> = days.into_iter().filter(|d| !known.contains(d)).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        for day in missing {
+            let from = date_of_day(day);
+            let to = date_of_day(day + 1);
+            let name = format!("events_p{}", from.format("%Y%m%d"));
+            let ddl = format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF events \
+                 FOR VALUES FROM ('{from} 00:00:00+00') TO ('{to} 00:00:00+00')"
+            );
+            if let Err(e) = sqlx::query(&ddl).execute(&self.pool).await {
+                // Another replica may have created it between our IF NOT EXISTS and ours.
+                let exists: (Option<String>,) = sqlx::query_as("SELECT to_regclass($1)::text")
+                    .bind(&name)
+                    .fetch_one(&self.pool)
+                    .await?;
+                if exists.0.is_none() {
+                    return Err(e.into());
+                }
+            }
+            self.partitions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(day);
+        }
+        Ok(())
+    }
+
+    /// Drops whole day partitions that end before `cutoff`.
+    pub(super) async fn drop_partitions_before(
+        &self,
+        cutoff: DateTime<Utc>,
+    ) -> Result<(), DbError> {
+        let names: Vec<(String,)> = sqlx::query_as(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'events'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let cutoff_day = day_of(cutoff);
+        for (name,) in names {
+            let Some(date) = name
+                .strip_prefix("events_p")
+                .and_then(|d| NaiveDate::parse_from_str(d, "%Y%m%d").ok())
+            else {
+                continue;
+            };
+            let day = day_of(date.and_time(chrono::NaiveTime::MIN).and_utc());
+            // The partition ends before the day holding the cutoff starts.
+            if day < cutoff_day {
+                sqlx::query(&format!("DROP TABLE IF EXISTS {name}"))
+                    .execute(&self.pool)
+                    .await?;
+                self.partitions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&day);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_events(
+        &self,
+        events: &[UsageEvent],
+        received_at: DateTime<Utc>,
+    ) -> Result<Vec<bool>, DbError> {
+        self.ensure_partitions(events.iter().map(|e| day_of(e.timestamp)))
+            .await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "CREATE TEMP TABLE IF NOT EXISTS staging_events AS \
+             SELECT {EVENT_COLUMNS} FROM events WITH NO DATA"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        // Rows left by a transaction that failed after COPY would otherwise be inserted later.
+        sqlx::query("TRUNCATE staging_events")
+            .execute(&mut *tx)
+            .await?;
+        // Known (ts, id) first: a resent batch then skips COPY and the insert entirely. The
+        // insert keeps ON CONFLICT, so this is only a shortcut, never what decides.
+        let known: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT e.id FROM events e JOIN UNNEST($1::timestamptz[], $2::uuid[]) AS t(ts, id) \
+             ON e.ts = t.ts AND e.id = t.id",
+        )
+        .bind(events.iter().map(|e| e.timestamp).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        let known: HashSet<Uuid> = known.into_iter().map(|(id,)| id).collect();
+        let fresh: Vec<UsageEvent> = events
+            .iter()
+            .filter(|e| !known.contains(&e.id))
+            .cloned()
+            .collect();
+        if fresh.is_empty() {
+            tx.commit().await?;
+            return Ok(vec![false; events.len()]);
+        }
+        let data = copy_rows(&fresh, received_at);
+        let mut copy = tx
+            .copy_in_raw(&format!("COPY staging_events ({EVENT_COLUMNS}) FROM STDIN"))
+            .await?;
+        for chunk in data.as_bytes().chunks(1 << 20) {
+            copy.send(chunk).await?;
+        }
+        copy.finish().await?;
+        // New events go to `events` and, in the same statement, to the rollup queue.
+        let ids: Vec<(Uuid,)> = sqlx::query_as(&format!(
+            "WITH ins AS (INSERT INTO events ({EVENT_COLUMNS}) \
+             SELECT {EVENT_COLUMNS} FROM staging_events ON CONFLICT DO NOTHING \
+             RETURNING id, ts, org, user_id, route, method, status, decision, latency_us, \
+             request_bytes, response_bytes, cost), \
+             q AS (INSERT INTO rollup_queue (ts, org, user_id, route, method, status, decision, \
+             latency_us, request_bytes, response_bytes, cost) \
+             SELECT floor(extract(epoch FROM ts))::bigint, org, coalesce(user_id, ''), route, \
+             method, status, decision, latency_us, request_bytes, response_bytes, cost FROM ins) \
+             SELECT id FROM ins"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let inserted: HashSet<Uuid> = ids.into_iter().map(|(id,)| id).collect();
+        tx.commit().await?;
+        Ok(events.iter().map(|e| inserted.contains(&e.id)).collect())
+    }
+
+    /// Folds up to `max` queued events into the rollups; returns how many. Rows are claimed
+    /// with `FOR UPDATE SKIP LOCKED`, so folders on several replicas never take the same ones.
+    pub(super) async fn fold(&self, max: usize) -> Result<usize, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<QueueRow> = sqlx::query_as(
+            "DELETE FROM rollup_queue WHERE seq IN (SELECT seq FROM rollup_queue ORDER BY seq \
+             LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING ts, org, user_id, route, method, \
+             CAST(status AS BIGINT), decision, latency_us, request_bytes, response_bytes, cost",
+        )
+        .bind(max.min(i64::MAX as usize) as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let samples: Vec<Sample> = rows
+            .into_iter()
+            .map(|r| Sample {
+                ts: r.0,
+                org: r.1,
+                user: r.2,
+                route: r.3,
+                method: r.4,
+                status: r.5 as u16,
+                decision: r.6,
+                latency_us: r.7 as u64,
+                request_bytes: r.8 as u64,
+                response_bytes: r.9 as u64,
+                cost: r.10 as u64,
+            })
+            .collect();
+        let deltas = rollup::aggregate(&samples);
+        if !deltas.is_empty() {
+            let orgs: Vec<&str> = deltas.iter().map(|d| d.0.org.as_str()).collect();
+            let hashes: Vec<i64> = deltas.iter().map(|d| d.1).collect();
+            // 1. Make sure every row exists (empty), racing replicas included.
+            sqlx::query(
+                "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
+                 status_class, decision, calls, errors, cost, request_bytes, response_bytes, \
+                 latency_sketch) \
+                 SELECT t.org, t.h, t.g, t.b, t.u, t.r, t.m, t.s, t.d, 0, 0, 0, 0, 0, NULL \
+                 FROM UNNEST($1::text[], $2::int8[], $3::int2[], $4::int8[], $5::text[], \
+                 $6::text[], $7::text[], $8::int2[], $9::text[]) AS t(org, h, g, b, u, r, m, s, d) \
+                 ON CONFLICT (org, key_hash) DO NOTHING",
+            )
+            .bind(&orgs)
+            .bind(&hashes)
+            .bind(
+                deltas
+                    .iter()
+                    .map(|d| d.0.granularity.code())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(deltas.iter().map(|d| d.0.bucket).collect::<Vec<_>>())
+            .bind(deltas.iter().map(|d| d.0.user.as_str()).collect::<Vec<_>>())
+            .bind(
+                deltas
+                    .iter()
+                    .map(|d| d.0.route.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                deltas
+                    .iter()
+                    .map(|d| d.0.method.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(deltas.iter().map(|d| d.0.status_class).collect::<Vec<_>>())
+            .bind(
+                deltas
+                    .iter()
+                    .map(|d| d.0.decision.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await?;
+            // 2. Lock them in (org, key_hash) order and read their sketches.
+            let stored: Vec<(String, i64, Option<Vec<u8>>)> = sqlx::query_as(
+                "SELECT r.org, r.key_hash, r.latency_sketch FROM rollups r \
+                 JOIN UNNEST($1::text[], $2::int8[]) AS t(org, h) \
+                 ON r.org = t.org AND r.key_hash = t.h \
+                 ORDER BY r.org, r.key_hash FOR UPDATE OF r",
+            )
+            .bind(&orgs)
+            .bind(&hashes)
+            .fetch_all(&mut *tx)
+            .await?;
+            let stored: std::collections::HashMap<(String, i64), Option<Vec<u8>>> =
+                stored.into_iter().map(|(o, h, s)| ((o, h), s)).collect();
+            // 3. Merge and write back.
+            let sketches: Vec<Vec<u8>> = deltas
+                .iter()
+                .map(|(k, h, v)| {
+                    let mut s =
+                        decode_sketch(stored.get(&(k.org.clone(), *h)).and_then(|s| s.as_deref()));
+                    merge_sketch(&mut s, &v.sketch);
+                    encode_sketch(&s)
+                })
+                .collect();
+            sqlx::query(
+                "UPDATE rollups r SET calls = r.calls + t.calls, errors = r.errors + t.errors, \
+                 cost = r.cost + t.cost, request_bytes = r.request_bytes + t.rq, \
+                 response_bytes = r.response_bytes + t.rs, latency_sketch = t.sk \
+                 FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
+                 $6::int8[], $7::int8[], $8::bytea[]) AS t(org, h, calls, errors, cost, rq, rs, sk) \
+                 WHERE r.org = t.org AND r.key_hash = t.h",
+            )
+            .bind(&orgs)
+            .bind(&hashes)
+            .bind(deltas.iter().map(|d| d.2.calls).collect::<Vec<_>>())
+            .bind(deltas.iter().map(|d| d.2.errors).collect::<Vec<_>>())
+            .bind(deltas.iter().map(|d| d.2.cost).collect::<Vec<_>>())
+            .bind(deltas.iter().map(|d| d.2.request_bytes).collect::<Vec<_>>())
+            .bind(deltas.iter().map(|d| d.2.response_bytes).collect::<Vec<_>>())
+            .bind(&sketches)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(samples.len())
+    }
+}
+
+/// For tests of the raw COPY rate: the COPY text of `events`.
+#[doc(hidden)]
+pub fn copy_text(events: &[UsageEvent]) -> String {
+    copy_rows(events, Utc::now())
+}

@@ -1,0 +1,331 @@
+//! Rollups: per-minute, -hour and -day aggregates of events by org, user, route, method,
+//! status class and decision, each with a mergeable latency sketch.
+//!
+//! The sketch is an HdrHistogram with 2 significant digits: any recorded latency is reported
+//! within 1% of its value, and merging two sketches is exact (bucket counts add), so a report
+//! over many buckets gives the same percentiles as one sketch of all the events would.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use tollgate_core::event::UsageEvent;
+use tollgate_core::Verdict;
+use xxhash_rust::xxh3::Xxh3;
+
+/// Significant digits kept by the latency sketch: values are exact to within 1%.
+pub const SKETCH_SIGFIG: u8 = 2;
+/// The sketch's relative error bound on a reported percentile value.
+pub const SKETCH_RELATIVE_ERROR: f64 = 0.01;
+
+/// A rollup's bucket width.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Granularity {
+    /// One minute.
+    Minute,
+    /// One hour.
+    Hour,
+    /// One UTC day.
+    Day,
+}
+
+impl Granularity {
+    /// All of them: every event updates one bucket of each.
+    pub const ALL: [Granularity; 3] = [Granularity::Minute, Granularity::Hour, Granularity::Day];
+
+    /// Bucket width in seconds.
+    pub fn seconds(self) -> i64 {
+        match self {
+            Granularity::Minute => 60,
+            Granularity::Hour => 3_600,
+            Granularity::Day => 86_400,
+        }
+    }
+
+    /// As stored.
+    pub fn code(self) -> i16 {
+        match self {
+            Granularity::Minute => 0,
+            Granularity::Hour => 1,
+            Granularity::Day => 2,
+        }
+    }
+
+    /// Start of the bucket holding `ts`.
+    pub fn bucket(self, ts: DateTime<Utc>) -> i64 {
+        ts.timestamp().div_euclid(self.seconds()) * self.seconds()
+    }
+}
+
+/// The stored name of a verdict.
+pub fn decision_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allowed => "allowed",
+        Verdict::Limited => "limited",
+        Verdict::ShadowLimited => "shadow_limited",
+    }
+}
+
+/// Whether a status counts as an error: a 5xx, what the API failed to serve. (4xx are the
+/// caller's; they are still visible by status class.)
+pub fn is_error(status: u16) -> bool {
+    status >= 500
+}
+
+/// One rollup row's key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RollupKey {
+    /// Bucket width.
+    pub granularity: Granularity,
+    /// Bucket start, seconds since the epoch.
+    pub bucket: i64,
+    /// Org.
+    pub org: String,
+    /// User ('' when none).
+    pub user: String,
+    /// Route template.
+    pub route: String,
+    /// Method.
+    pub method: String,
+    /// 1..5.
+    pub status_class: i16,
+    /// `allowed`, `limited`, `shadow_limited`.
+    pub decision: String,
+}
+
+impl RollupKey {
+    /// A stable 64-bit hash of the whole key: the row's lookup key beside the org.
+    pub fn hash(&self) -> i64 {
+        let mut h = Xxh3::new();
+        h.update(&self.granularity.code().to_le_bytes());
+        h.update(&self.bucket.to_le_bytes());
+        for part in [
+            self.org.as_str(),
+            self.user.as_str(),
+            self.route.as_str(),
+            self.method.as_str(),
+            self.decision.as_str(),
+        ] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update(&self.status_class.to_le_bytes());
+        h.digest() as i64
+    }
+}
+
+/// Aggregates of one key.
+#[derive(Clone, Debug)]
+pub struct RollupValues {
+    /// Requests.
+    pub calls: i64,
+    /// 5xx responses.
+    pub errors: i64,
+    /// Cost units.
+    pub cost: i64,
+    /// Request body bytes.
+    pub request_bytes: i64,
+    /// Response body bytes.
+    pub response_bytes: i64,
+    /// Latency sketch (µs).
+    pub sketch: Histogram<u64>,
+}
+
+impl Default for RollupValues {
+    fn default() -> Self {
+        Self {
+            calls: 0,
+            errors: 0,
+            cost: 0,
+            request_bytes: 0,
+            response_bytes: 0,
+            sketch: new_sketch(),
+        }
+    }
+}
+
+impl RollupValues {
+    /// Adds one event.
+    pub fn record(&mut self, e: &Sample) {
+        self.calls += 1;
+        self.errors += i64::from(is_error(e.status));
+        self.cost = self.cost.saturating_add(e.cost as i64);
+        self.request_bytes = self.request_bytes.saturating_add(e.request_bytes as i64);
+        self.response_bytes = self.response_bytes.saturating_add(e.response_bytes as i64);
+        // Auto-resizing: `record` grows the range (`saturating_record` would clamp to it).
+        let _ = self.sketch.record(e.latency_us);
+    }
+
+    /// Adds another aggregate.
+    pub fn merge(&mut self, other: &RollupValues) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.cost = self.cost.saturating_add(other.cost);
+        self.request_bytes = self.request_bytes.saturating_add(other.request_bytes);
+        self.response_bytes = self.response_bytes.saturating_add(other.response_bytes);
+        merge_sketch(&mut self.sketch, &other.sketch);
+    }
+}
+
+/// An empty latency sketch.
+pub fn new_sketch() -> Histogram<u64> {
+    // 2 significant digits always constructs.
+    let mut h = Histogram::new(SKETCH_SIGFIG).unwrap_or_else(|_| unreachable!());
+    h.auto(true);
+    h
+}
+
+/// Adds `other`'s counts into `into`.
+pub fn merge_sketch(into: &mut Histogram<u64>, other: &Histogram<u64>) {
+    // With auto-resize on, `add` only fails on a precision mismatch, which cannot happen here.
+    let _ = into.add(other);
+}
+
+/// The sketch's stored form (HdrHistogram V2, uncompressed).
+pub fn encode_sketch(h: &Histogram<u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    // Writing into a Vec cannot fail.
+    let _ = V2Serializer::new().serialize(h, &mut out);
+    out
+}
+
+/// Reads a stored sketch; `None` or an unreadable one reads as empty (and is logged).
+pub fn decode_sketch(bytes: Option<&[u8]>) -> Histogram<u64> {
+    let Some(mut bytes) = bytes else {
+        return new_sketch();
+    };
+    match Deserializer::new().deserialize::<u64, _>(&mut bytes) {
+        Ok(mut h) => {
+            h.auto(true);
+            h
+        }
+        Err(e) => {
+            tracing::error!(error = ?e, "unreadable latency sketch in a rollup row");
+            new_sketch()
+        }
+    }
+}
+
+/// Percentile `q` (0–1) of a sketch, in µs; 0 when empty.
+pub fn percentile(h: &Histogram<u64>, q: f64) -> u64 {
+    if h.is_empty() {
+        0
+    } else {
+        h.value_at_quantile(q)
+    }
+}
+
+/// What a rollup needs of one event (a row of the rollup queue).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// Event time, seconds since the epoch.
+    pub ts: i64,
+    /// Org.
+    pub org: String,
+    /// User ('' when none).
+    pub user: String,
+    /// Route template.
+    pub route: String,
+    /// Method.
+    pub method: String,
+    /// Status.
+    pub status: u16,
+    /// Decision name.
+    pub decision: String,
+    /// Latency, µs.
+    pub latency_us: u64,
+    /// Request bytes.
+    pub request_bytes: u64,
+    /// Response bytes.
+    pub response_bytes: u64,
+    /// Cost units.
+    pub cost: u64,
+}
+
+impl Sample {
+    /// The rollup-relevant part of an event.
+    pub fn of(e: &UsageEvent) -> Self {
+        Self {
+            ts: e.timestamp.timestamp(),
+            org: e.org.clone(),
+            user: e.user.clone().unwrap_or_default(),
+            route: e.route.clone(),
+            method: e.method.clone(),
+            status: e.status,
+            decision: decision_name(e.decision).to_owned(),
+            latency_us: e.latency_us,
+            request_bytes: e.request_bytes,
+            response_bytes: e.response_bytes,
+            cost: e.cost,
+        }
+    }
+}
+
+/// Groups samples into rollup deltas, one per key per granularity, ordered by (org, hash) so
+/// that every writer locks rows in the same order.
+pub fn aggregate<'a>(
+    samples: impl IntoIterator<Item = &'a Sample>,
+) -> Vec<(RollupKey, i64, RollupValues)> {
+    let mut map: HashMap<RollupKey, RollupValues> = HashMap::new();
+    for e in samples {
+        for g in Granularity::ALL {
+            let width = g.seconds();
+            let key = RollupKey {
+                granularity: g,
+                bucket: e.ts.div_euclid(width) * width,
+                org: e.org.clone(),
+                user: e.user.clone(),
+                route: e.route.clone(),
+                method: e.method.clone(),
+                status_class: (e.status / 100) as i16,
+                decision: e.decision.clone(),
+            };
+            map.entry(key).or_default().record(e);
+        }
+    }
+    let mut out: Vec<_> = map
+        .into_iter()
+        .map(|(k, v)| {
+            let h = k.hash();
+            (k, h, v)
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.0.org, a.1).cmp(&(&b.0.org, b.1)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sketch_round_trips_and_merges_exactly() {
+        let mut a = new_sketch();
+        let mut b = new_sketch();
+        for v in 1..=1000u64 {
+            a.record(v * 10).unwrap();
+            b.record(v * 1000).unwrap();
+        }
+        let mut merged = decode_sketch(Some(&encode_sketch(&a)));
+        merge_sketch(&mut merged, &decode_sketch(Some(&encode_sketch(&b))));
+        assert_eq!(merged.len(), 2000);
+        let p50 = percentile(&merged, 0.5) as f64;
+        assert!(
+            (p50 - 10_000.0).abs() <= 10_000.0 * SKETCH_RELATIVE_ERROR,
+            "{p50}"
+        );
+        assert_eq!(percentile(&new_sketch(), 0.99), 0);
+    }
+
+    #[test]
+    fn buckets_align_to_the_epoch() {
+        let t = DateTime::from_timestamp(1_790_000_123, 5).unwrap();
+        assert_eq!(Granularity::Minute.bucket(t), 1_790_000_100);
+        assert_eq!(Granularity::Hour.bucket(t), 1_789_999_200);
+        assert_eq!(Granularity::Day.bucket(t) % 86_400, 0);
+    }
+}
