@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+/// The edge worker in workerd (`wrangler dev`), for the `worker_*` tests.
+pub mod workerd;
+
 /// Set by `cargo xtask test`: the filter's `.wasm`.
 pub const FILTER_WASM_VAR: &str = "TOLLGATE_FILTER_WASM";
 /// Set by `cargo xtask test`: the Envoy binary.

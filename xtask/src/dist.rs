@@ -2,6 +2,8 @@
 //!
 //! - `dist/tollgate_filter.wasm`: the Envoy filter, built with the `release-wasm` profile.
 //! - `dist/tollgate-collector`: the collector, once its crate has that binary target.
+//! - `dist/edge-worker/`: the Cloudflare Worker's bundle and its `wrangler.toml`, ready for
+//!   `wrangler deploy` ([`edge_worker`]; `cargo xtask dist` only, not the demo).
 //!
 //! `dist/` is emptied first, so it never holds an artifact from an older run.
 
@@ -10,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use xshell::{cmd, Shell};
 
-use crate::{apt::Apt, cargo, output::human_size, wasm};
+use crate::{apt::Apt, cargo, output::human_size, wasm, workerd};
 
 /// The directory the artifacts go to, relative to the workspace root.
 pub const DIST_DIR: &str = "dist";
@@ -64,6 +66,20 @@ pub fn run(sh: &Shell) -> Result<Dist> {
         filter_wasm,
         collector,
     })
+}
+
+/// Writes `dist/edge-worker/` (provisioning the Worker build tools first); run after [`run`],
+/// which empties `dist/`.
+pub fn edge_worker(sh: &Shell) -> Result<PathBuf> {
+    let tools = workerd::ensure(sh)?;
+    let dir = sh.current_dir().join(DIST_DIR);
+    let written = workerd::write_dist(sh, &tools, &dir)?;
+    let shown = written.strip_prefix(sh.current_dir()).unwrap_or(&written);
+    step!(
+        "dist: {}: wrangler.toml and build/ (deploy with `wrangler deploy` there)",
+        shown.display()
+    );
+    Ok(written)
 }
 
 /// Builds the collector's binary in release mode, if its crate has one yet.

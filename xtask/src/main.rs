@@ -18,6 +18,7 @@ mod setup;
 mod test;
 mod venv;
 mod wasm;
+mod workerd;
 
 use std::{
     path::{Path, PathBuf},
@@ -51,13 +52,18 @@ enum Verb {
         /// tests and benchmark.
         #[arg(long)]
         postgres: bool,
+        /// Also install workerd (npm wrangler, with Node.js from PyPI) and the edge worker's
+        /// build tools (wasm-bindgen-cli, worker-build, binaryen) under target/tools.
+        #[arg(long)]
+        workerd: bool,
         /// Install every tool the project uses.
         #[arg(long)]
         all: bool,
     },
     /// The one command CI runs: setup, fmt, clippy, wasm builds, Envoy configs, tests.
     Test,
-    /// Write release artifacts to dist/: the Envoy filter's wasm and the collector binary.
+    /// Write release artifacts to dist/: the Envoy filter's wasm, the collector binary and the
+    /// edge worker's bundle (dist/edge-worker/).
     Dist,
     /// Build the artifacts and run Tollgate in Envoy in front of a demo upstream.
     Demo,
@@ -97,20 +103,27 @@ fn run(verb: Verb) -> Result<()> {
         Verb::Setup {
             envoy,
             postgres,
+            workerd,
             all,
         } => {
             let tools: Vec<Tool> = if all {
                 Tool::ALL.to_vec()
             } else {
-                [(envoy, Tool::Envoy), (postgres, Tool::Postgres)]
-                    .into_iter()
-                    .filter_map(|(wanted, tool)| wanted.then_some(tool))
-                    .collect()
+                [
+                    (envoy, Tool::Envoy),
+                    (postgres, Tool::Postgres),
+                    (workerd, Tool::Workerd),
+                ]
+                .into_iter()
+                .filter_map(|(wanted, tool)| wanted.then_some(tool))
+                .collect()
             };
             setup::run(&sh, &tools).map(drop)
         }
         Verb::Test => test::run(&sh),
-        Verb::Dist => dist::run(&sh).map(drop),
+        Verb::Dist => dist::run(&sh)
+            .and_then(|_| dist::edge_worker(&sh))
+            .map(drop),
         Verb::Demo => demo::run(&sh),
         Verb::Bench { name, harness_args } => bench::run(&sh, name.as_deref(), &harness_args),
         Verb::ValidateEnvoy => envoy::validate_all(&sh),

