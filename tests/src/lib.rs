@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+/// The core's conformance vectors, as the end-to-end tests replay them.
+pub mod conformance;
 /// The edge worker in workerd (`wrangler dev`), for the `worker_*` tests.
 pub mod workerd;
 

@@ -7,53 +7,15 @@
 //! `x-forwarded-for`, which Envoy's connection manager (default `use_remote_address: false`)
 //! turns into the downstream address the filter reads from `source.address`.
 
-use std::collections::BTreeMap;
-
 use anyhow::{Context, Result};
-use serde::Deserialize;
-use serde_json::{json, Value};
-use tollgate_e2e::{send, workspace_root, Envoy, EnvoySpec, Upstream};
+use serde_json::json;
+use tollgate_e2e::{conformance, send, Envoy, EnvoySpec, Upstream};
 
 const CLOCK: &str = "x-tollgate-test-now";
 
-#[derive(Deserialize)]
-struct Vectors {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    policy: Value,
-    steps: Vec<Step>,
-}
-
-#[derive(Deserialize)]
-struct Step {
-    at_ms: u64,
-    method: String,
-    path: String,
-    headers: BTreeMap<String, String>,
-    #[serde(default)]
-    client_ip: Option<String>,
-    #[serde(default)]
-    note: Option<String>,
-    expect: Expect,
-}
-
-#[derive(Deserialize, Debug, PartialEq)]
-struct Expect {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    #[serde(default)]
-    body: Option<String>,
-}
-
 #[test]
 fn envoy_reproduces_the_conformance_vectors() -> Result<()> {
-    let path = workspace_root().join("core/tests/conformance/vectors.json");
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    let vectors: Vectors = serde_json::from_str(&text)?;
+    let vectors = conformance::load()?;
     let upstream = Upstream::start()?;
     let mut failures = Vec::new();
     let mut steps = 0;
@@ -74,45 +36,9 @@ fn envoy_reproduces_the_conformance_vectors() -> Result<()> {
         for (i, step) in case.steps.iter().enumerate() {
             steps += 1;
             let at = step.at_ms.to_string();
-            let mut headers: Vec<(&str, &str)> = step
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            headers.push((CLOCK, &at));
-            if let Some(ip) = &step.client_ip {
-                headers.push(("x-forwarded-for", ip));
-            }
+            let headers = step.request_headers(CLOCK, &at, "x-forwarded-for");
             let response = send(&agent, &step.method, &envoy.url(&step.path), &headers)?;
-            let mut want_headers = step.expect.headers.clone();
-            let want_type = want_headers.remove("content-type");
-            let mut got = Expect {
-                status: response.status,
-                headers: response.limiter_headers(),
-                body: step.expect.body.as_ref().map(|_| response.body.clone()),
-            };
-            if let Some(t) = want_type {
-                if response.header("content-type") != Some(t.as_str()) {
-                    got.headers.insert(
-                        "content-type".into(),
-                        format!("{:?}", response.header("content-type")),
-                    );
-                }
-            }
-            let want = Expect {
-                status: step.expect.status,
-                headers: want_headers,
-                body: step.expect.body.clone(),
-            };
-            if got != want {
-                failures.push(format!(
-                    "{} step {i} ({} {}; {}):\n  expected {want:?}\n  got      {got:?}",
-                    case.name,
-                    step.method,
-                    step.path,
-                    step.note.as_deref().unwrap_or("")
-                ));
-            }
+            failures.extend(step.check(&case.name, i, &response));
         }
     }
     assert!(steps >= 20, "only {steps} steps replayed");
