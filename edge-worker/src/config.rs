@@ -6,6 +6,7 @@
 
 use serde::Deserialize;
 use tollgate_core::gate::GateOptions;
+use tollgate_core::policy::document::Scope;
 use tollgate_core::Policy;
 
 /// The KV key holding the current configuration document.
@@ -181,7 +182,7 @@ impl WorkerConfig {
                 message: "remove `test_only`, or set `enabled: true` in a test deployment",
             });
         }
-        let has_global_rule = mentions_global_scope(&document.policy);
+        let has_global_rule = policy.has_scope(Scope::Global);
         Ok(Self {
             policy,
             version: tollgate_core::hash::fingerprint(text.as_bytes()),
@@ -218,18 +219,6 @@ impl WorkerConfig {
         let shard =
             tollgate_core::hash::fingerprint(subject.as_bytes()) % u64::from(self.document.shards);
         format!("shard-{shard}")
-    }
-}
-
-/// Whether any rule in a policy document names `scope: global`. The compiled `Policy` does not
-/// expose its rules' scopes, so the document is read; a false positive only costs sharding.
-fn mentions_global_scope(value: &serde_json::Value) -> bool {
-    match value {
-        serde_json::Value::Object(map) => map.iter().any(|(k, v)| {
-            (k == "scope" && v.as_str() == Some("global")) || mentions_global_scope(v)
-        }),
-        serde_json::Value::Array(items) => items.iter().any(mentions_global_scope),
-        _ => false,
     }
 }
 

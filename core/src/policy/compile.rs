@@ -208,6 +208,15 @@ impl Policy {
             .find(|r| &*r.name == name)
     }
 
+    /// Whether any rule, in any tier or plan, keeps counters of `scope` (a runtime that shards
+    /// counters by caller must route everyone to one place when a global counter exists).
+    pub fn has_scope(&self, scope: Scope) -> bool {
+        self.global_rules
+            .iter()
+            .chain(self.plans.values().flat_map(|p| p.rules.iter()))
+            .any(|r| r.scope == scope)
+    }
+
     /// Whether `plan` exists.
     pub fn has_plan(&self, plan: &str) -> bool {
         self.plans.contains_key(plan)
@@ -813,6 +822,18 @@ mod tests {
         assert!(!p.is_bypass("let-me-in!", now));
         assert!(!p.is_bypass(&hash::sha256_tagged("let-me-in"), now));
         assert!(!p.is_bypass("let-me-in", Timestamp::from_secs(1_900_000_000)));
+    }
+
+    #[test]
+    fn scopes_are_found_in_tiers_and_plans() {
+        let p = Policy::from_json(r#"{"version":1}"#).unwrap();
+        assert!(p.has_scope(Scope::User) && p.has_scope(Scope::Org));
+        assert!(!p.has_scope(Scope::Global));
+        let g = Policy::from_json(
+            r#"{"version":1,"plans":{"free":{"limits":[{"name":"g","scope":"global","algorithm":"gcra","limit":9,"window":"1s"}]}}}"#,
+        )
+        .unwrap();
+        assert!(g.has_scope(Scope::Global));
     }
 
     #[test]
