@@ -85,6 +85,8 @@ pub struct Decision {
     pub leases: Vec<Lease>,
     /// Store retries and failures, for metrics.
     pub stats: StoreStats,
+    /// Allowed by a bypass credential, without consulting any counter.
+    pub bypassed: bool,
 }
 
 /// The JSON body of a 429.
@@ -113,6 +115,7 @@ impl Decision {
             statuses: Vec::new(),
             leases: Vec::new(),
             stats: StoreStats::default(),
+            bypassed: true,
         }
     }
 

@@ -242,6 +242,7 @@ impl Policy {
             statuses,
             leases,
             stats,
+            bypassed: false,
         }
     }
 

@@ -97,7 +97,7 @@ impl Policy {
         key_holder: &'a mut Option<String>,
     ) -> Credentials<'a> {
         *key_holder = self.identity.api_key_headers.iter().find_map(|name| {
-            let value = (req.header)(&name.to_ascii_lowercase())?;
+            let value = (req.header)(name)?; // lower-cased when the policy compiled
             api_key_from_header(name, &value).map(str::to_string)
         });
         Credentials {
@@ -132,8 +132,9 @@ impl Policy {
             let body = StatusReport::new(&identity, &statuses).to_json();
             return GateAction::Status { identity, body };
         }
-        let bypass = (req.header)(&self.identity.bypass_header.to_ascii_lowercase())
-            .is_some_and(|credential| self.is_bypass(credential.trim(), now));
+        let bypass = self.has_bypass()
+            && (req.header)(&self.identity.bypass_header)
+                .is_some_and(|credential| self.is_bypass(credential.trim(), now));
         let decision = if bypass {
             Decision::bypass()
         } else {

@@ -79,8 +79,8 @@ impl GateInput {
             .api_key_headers
             .iter()
             .chain(std::iter::once(&ident.bypass_header))
-            .map(|name| name.to_ascii_lowercase())
-            .filter_map(|name| header(&name).map(|value| (name, value)))
+            // Lower-cased when the policy compiled.
+            .filter_map(|name| header(name).map(|value| (name.clone(), value)))
             .collect();
         Self {
             method: method.to_string(),

@@ -152,9 +152,8 @@ impl Request {
                 } else {
                     m.inc(Metric::Allowed);
                 }
-                // A bypass consults no counter; only then is the credential worth checking.
                 let metered = !decision.statuses.is_empty();
-                if !metered && self.bypassed() {
+                if decision.bypassed {
                     m.inc(Metric::Bypassed);
                 }
                 self.decided = Some(Decided {
@@ -194,11 +193,6 @@ impl Request {
                 self.respond(status, &headers, &body)
             }
         }
-    }
-
-    fn bypassed(&self) -> bool {
-        let name = self.rt.policy.identity.bypass_header.to_ascii_lowercase();
-        host::request_header(&name).is_some_and(|c| self.rt.policy.is_bypass(c.trim(), self.now))
     }
 
     /// Answers the request without forwarding it.

@@ -175,6 +175,11 @@ impl Policy {
             .find_map(|who| self.overrides.iter().find(|o| applies(o, who)))
     }
 
+    /// Whether the policy lists any bypass credential (if not, nobody needs to look for one).
+    pub fn has_bypass(&self) -> bool {
+        !self.bypass.is_empty()
+    }
+
     /// Whether `credential` is a live bypass credential.
     pub fn is_bypass(&self, credential: &str, now: Timestamp) -> bool {
         if self.bypass.is_empty() {
@@ -319,6 +324,15 @@ impl TryFrom<PolicyDocument> for Policy {
             ));
         }
 
+        // Header names are matched lower-case (HTTP/2 and proxy-wasm hand them over so): lower
+        // them once here, not on every request.
+        let mut identity = doc.identity.clone();
+        identity
+            .api_key_headers
+            .iter_mut()
+            .for_each(|h| h.make_ascii_lowercase());
+        identity.bypass_header.make_ascii_lowercase();
+
         let canonical = serde_json::to_vec(&doc).unwrap_or_default();
         Ok(Policy {
             global_rules: sorted(global_rules),
@@ -340,7 +354,7 @@ impl TryFrom<PolicyDocument> for Policy {
             bypass,
             routes: declared,
             headers: doc.headers,
-            identity: doc.identity.clone(),
+            identity,
             failure_mode: doc.failure_mode,
             version: format!("{:016x}", hash::fingerprint(&canonical)),
         })
