@@ -440,10 +440,155 @@ fn keys_10k(c: &mut Criterion) {
     g.finish();
 }
 
+/// Rounds of the paired comparison: every line runs once per round.
+const PAIRED_ROUNDS: usize = 3_000;
+/// Batches each line runs per round (1,000 decisions: a few microseconds, so every line sees
+/// the same moment of the host).
+const PAIRED_BATCHES: u64 = 10;
+
+/// A line of the paired comparison: a subject with its own key sequence, timed per round.
+trait TimedLine {
+    /// The line's name.
+    fn name(&self) -> &'static str;
+    /// Runs `PAIRED_BATCHES` batches; returns the elapsed time.
+    fn round(&mut self, workload: &Workload) -> Duration;
+}
+
+/// A primed subject and its key generator.
+struct Paired<S> {
+    /// Line name.
+    name: &'static str,
+    /// The limiter under test.
+    subject: S,
+    /// The same seeded sequence every line gets.
+    keys: XorShift,
+}
+
+impl<S: Subject> Paired<S> {
+    /// Primes `subject` to steady state on `workload`.
+    fn boxed(name: &'static str, mut subject: S, workload: &Workload) -> Box<dyn TimedLine>
+    where
+        S: 'static,
+    {
+        let mut keys = XorShift(SEED);
+        for _ in 0..workload.prime_batches() {
+            run_batch(&mut subject, &mut keys, workload);
+        }
+        Box::new(Self {
+            name,
+            subject,
+            keys,
+        })
+    }
+}
+
+impl<S: Subject> TimedLine for Paired<S> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn round(&mut self, workload: &Workload) -> Duration {
+        // One dynamic call per round; the decisions inside are monomorphised like criterion's.
+        let start = std::time::Instant::now();
+        for _ in 0..PAIRED_BATCHES {
+            black_box(run_batch(&mut self.subject, &mut self.keys, workload));
+        }
+        start.elapsed()
+    }
+}
+
+/// The median of `values` (not empty).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Runs every line in turn, round after round, rotating who goes first, and prints each line's
+/// median decisions/s and its median per-round ratio to the last line (governor).
+///
+/// Why besides criterion: criterion measures lines one after another, seconds apart, and on a
+/// shared virtual machine the speed of the host drifts by tens of percent over that time (we
+/// saw the same line's estimate move by 2× between runs). Interleaving half-millisecond rounds
+/// exposes every line to the same drift, so the per-round ratio is what the comparison means.
+fn paired(workload: &Workload, mut lines: Vec<Box<dyn TimedLine>>) {
+    let n = lines.len();
+    let mut times = vec![Vec::with_capacity(PAIRED_ROUNDS); n];
+    for round in 0..PAIRED_ROUNDS {
+        for i in 0..n {
+            let line = (round + i) % n;
+            times[line].push(lines[line].round(workload).as_secs_f64());
+        }
+    }
+    let decisions = (PAIRED_BATCHES * BATCH) as f64;
+    let reference = n - 1;
+    eprintln!(
+        "\npaired/{}: {PAIRED_ROUNDS} interleaved rounds of {decisions} decisions per line",
+        workload.name
+    );
+    eprintln!(
+        "  {:<28} {:>14} {:>16}",
+        "line", "decisions/s", "vs governor"
+    );
+    for (i, line) in lines.iter().enumerate() {
+        let mut rates: Vec<f64> = times[i].iter().map(|t| decisions / t).collect();
+        let mut ratios: Vec<f64> = times[i]
+            .iter()
+            .zip(&times[reference])
+            .map(|(ours, theirs)| theirs / ours)
+            .collect();
+        eprintln!(
+            "  {:<28} {:>12.1} M {:>15.3}×",
+            line.name(),
+            median(&mut rates) / 1e6,
+            median(&mut ratios)
+        );
+    }
+}
+
+/// The paired comparison on both workloads; governor last (the reference).
+fn paired_all() {
+    let w = &SINGLE_KEY;
+    paired(
+        w,
+        vec![
+            Paired::boxed(
+                "tollgate_token_bucket",
+                Typed::<_, One<_>>::new(token_bucket()),
+                w,
+            ),
+            Paired::boxed("tollgate_gcra", Typed::<_, One<_>>::new(gcra()), w),
+            Paired::boxed("governor_gcra", GovernorDirect::new(), w),
+        ],
+    );
+    let w = &KEYS_10K;
+    paired(
+        w,
+        vec![
+            Paired::boxed(
+                "tollgate_token_bucket",
+                Typed::<_, Map<_>>::new(token_bucket()),
+                w,
+            ),
+            Paired::boxed("tollgate_gcra", Typed::<_, Map<_>>::new(gcra()), w),
+            Paired::boxed("governor_gcra", GovernorKeyed::new(), w),
+        ],
+    );
+}
+
 /// What `criterion_group!`/`criterion_main!` expand to, written out so it can carry docs.
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     single_key(&mut c);
     keys_10k(&mut c);
     c.final_summary();
+    // The paired comparison runs in a plain `cargo bench`, and with a filter that names it;
+    // not under `--list`, `--profile-time` or a filter for criterion lines only.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let filter = args.iter().find(|a| !a.starts_with('-'));
+    let special = args
+        .iter()
+        .any(|a| a == "--list" || a == "--profile-time" || a == "--test");
+    if !special && filter.is_none_or(|f| f.contains("paired")) {
+        paired_all();
+    }
 }

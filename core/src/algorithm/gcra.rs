@@ -15,10 +15,17 @@ pub struct Gcra {
     rate: Divisor,
     period: Divisor,
     burst: u64,
+    /// `burst × period`: how far the TAT may run ahead of now (τ + T), fixed at construction
+    /// so a decision does not multiply it out again.
+    tolerance: u128,
 }
 
 /// GCRA state: the theoretical arrival time, in units of `1/rate` ns since the epoch.
+// `packed(8)`: a `u128` is 16-byte aligned, which pads a `(u64 key, state)` map entry to 32
+// bytes; at 8-byte alignment it is 24, a quarter less cache per key in keyed stores. The field
+// is only ever read and written by value, so the packing costs no unaligned references.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, packed(8))]
 pub struct GcraState {
     /// Theoretical arrival time (scaled by `rate`).
     pub tat: u128,
@@ -37,6 +44,7 @@ impl Gcra {
             rate: Divisor::new(rate),
             period: Divisor::new(period_nanos),
             burst,
+            tolerance: u128::from(burst) * u128::from(period_nanos),
         })
     }
 
@@ -64,7 +72,7 @@ impl Algorithm for Gcra {
     #[inline]
     fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
         let now_s = self.scaled(now);
-        let tolerance = self.interval(self.burst); // τ + T
+        let tolerance = self.tolerance;
         let tat = state.tat.max(now_s);
         let new_tat = tat.saturating_add(self.interval(cost));
         let allowed = new_tat - now_s <= tolerance;
