@@ -1,5 +1,5 @@
 //! Rollups: per-minute, -hour and -day aggregates of events by org, user, route, method,
-//! status class and decision, each with a mergeable latency sketch.
+//! status class, decision and rule, each with a mergeable latency sketch.
 //!
 //! The sketch is an HdrHistogram with 2 significant digits: any recorded latency is reported
 //! within 1% of its value, and merging two sketches is exact (bucket counts add), so a report
@@ -95,10 +95,17 @@ pub struct RollupKey {
     pub status_class: i16,
     /// `allowed`, `limited`, `shadow_limited`.
     pub decision: String,
+    /// The rule that decided the events ('' when none): what the limits report groups by.
+    pub rule: String,
 }
 
 impl RollupKey {
     /// A stable 64-bit hash of the whole key: the row's lookup key beside the org.
+    ///
+    /// The rule is hashed only when it is not '', after everything else: a key without a rule
+    /// hashes as it did before rollups had a rule, so rows stored then are still found.
+    /// Every part is length-prefixed or fixed-width, so the hashed bytes still determine the
+    /// key and rows differing only by rule are different rows.
     pub fn hash(&self) -> i64 {
         let mut h = Xxh3::new();
         h.update(&self.granularity.code().to_le_bytes());
@@ -114,6 +121,10 @@ impl RollupKey {
             h.update(part.as_bytes());
         }
         h.update(&self.status_class.to_le_bytes());
+        if !self.rule.is_empty() {
+            h.update(&(self.rule.len() as u64).to_le_bytes());
+            h.update(self.rule.as_bytes());
+        }
         h.digest() as i64
     }
 }
@@ -236,6 +247,8 @@ pub struct Sample {
     pub status: u16,
     /// Decision name.
     pub decision: String,
+    /// The rule that decided the event ('' when none).
+    pub rule: String,
     /// Latency, µs.
     pub latency_us: u64,
     /// Request bytes.
@@ -257,6 +270,7 @@ impl Sample {
             method: e.method.clone(),
             status: e.status,
             decision: decision_name(e.decision).to_owned(),
+            rule: e.rule.clone().unwrap_or_default(),
             latency_us: e.latency_us,
             request_bytes: e.request_bytes,
             response_bytes: e.response_bytes,
@@ -283,6 +297,7 @@ pub fn aggregate<'a>(
                 method: e.method.clone(),
                 status_class: (e.status / 100) as i16,
                 decision: e.decision.clone(),
+                rule: e.rule.clone(),
             };
             map.entry(key).or_default().record(e);
         }
@@ -319,6 +334,115 @@ mod tests {
             "{p50}"
         );
         assert_eq!(percentile(&new_sketch(), 0.99), 0);
+    }
+
+    fn key(rule: &str) -> RollupKey {
+        RollupKey {
+            granularity: Granularity::Hour,
+            bucket: 1_790_000_000 - 1_790_000_000 % 3_600,
+            org: "acme".into(),
+            user: "u1".into(),
+            route: "/v1/items/{id}".into(),
+            method: "GET".into(),
+            status_class: 4,
+            decision: "limited".into(),
+            rule: rule.into(),
+        }
+    }
+
+    /// The hash as it was before rollups had a rule: what rows stored then are keyed by.
+    fn hash_before_rules(k: &RollupKey) -> i64 {
+        let mut h = Xxh3::new();
+        h.update(&k.granularity.code().to_le_bytes());
+        h.update(&k.bucket.to_le_bytes());
+        for part in [&k.org, &k.user, &k.route, &k.method, &k.decision] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update(&k.status_class.to_le_bytes());
+        h.digest() as i64
+    }
+
+    #[test]
+    fn rows_differing_only_by_rule_hash_apart() {
+        let hashes: Vec<i64> = ["", "per-user", "per-org", "per-use"]
+            .iter()
+            .map(|r| key(r).hash())
+            .collect();
+        for (i, a) in hashes.iter().enumerate() {
+            for b in &hashes[i + 1..] {
+                assert_ne!(a, b, "{hashes:?}");
+            }
+        }
+        assert_eq!(key("per-user").hash(), key("per-user").hash());
+    }
+
+    #[test]
+    fn a_key_without_a_rule_hashes_as_before_rules_existed() {
+        let k = key("");
+        assert_eq!(k.hash(), hash_before_rules(&k));
+        assert_ne!(key("per-user").hash(), hash_before_rules(&key("per-user")));
+    }
+
+    fn event(decision: Verdict, rule: Option<&str>) -> UsageEvent {
+        UsageEvent {
+            id: uuid::Uuid::nil(),
+            timestamp: DateTime::from_timestamp(1_790_000_123, 0).unwrap(),
+            org: "acme".into(),
+            user: Some("u1".into()),
+            plan: "pro".into(),
+            method: "GET".into(),
+            route: "/v1/items/{id}".into(),
+            status: 429,
+            latency_us: 1_000,
+            request_bytes: 10,
+            response_bytes: 20,
+            cost: 2,
+            decision,
+            rule: rule.map(str::to_owned),
+            edge: tollgate_core::event::EdgeKind::Envoy,
+            node: "envoy-1".into(),
+            dimensions: Default::default(),
+            metrics: Default::default(),
+            fingerprint: None,
+        }
+    }
+
+    #[test]
+    fn samples_carry_the_rule_and_aggregate_splits_by_it() {
+        assert_eq!(Sample::of(&event(Verdict::Allowed, None)).rule, "");
+        let samples: Vec<Sample> = [
+            event(Verdict::Limited, Some("per-user")),
+            event(Verdict::Limited, Some("per-user")),
+            event(Verdict::Limited, Some("per-org")),
+            event(Verdict::ShadowLimited, Some("per-org")),
+            event(Verdict::Allowed, None),
+        ]
+        .iter()
+        .map(Sample::of)
+        .collect();
+        assert_eq!(samples[0].rule, "per-user");
+        let deltas = aggregate(&samples);
+        // Four distinct (decision, rule) pairs, each in a minute, an hour and a day bucket.
+        assert_eq!(deltas.len(), 4 * Granularity::ALL.len());
+        for g in Granularity::ALL {
+            let calls = |decision: &str, rule: &str| -> Vec<i64> {
+                deltas
+                    .iter()
+                    .filter(|(k, _, _)| {
+                        k.granularity == g && k.decision == decision && k.rule == rule
+                    })
+                    .map(|(_, _, v)| v.calls)
+                    .collect()
+            };
+            assert_eq!(calls("limited", "per-user"), [2], "{g:?}");
+            assert_eq!(calls("limited", "per-org"), [1], "{g:?}");
+            assert_eq!(calls("shadow_limited", "per-org"), [1], "{g:?}");
+            assert_eq!(calls("allowed", ""), [1], "{g:?}");
+        }
+        for (k, h, _) in &deltas {
+            assert_eq!(*h, k.hash());
+        }
     }
 
     #[test]

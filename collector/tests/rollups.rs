@@ -1,10 +1,11 @@
 //! Rollups against a direct computation over the raw events of a fixture: counts and sums
 //! exact, percentiles within the sketch's stated error, late (out-of-order) events in the right
-//! bucket, duplicates never counted twice — on SQLite and PostgreSQL.
+//! bucket, duplicates never counted twice, rows split by the rule that decided the events (what
+//! the limits report reads) — on SQLite and PostgreSQL.
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{Duration, Utc};
 use common::{spawn_app, Backend, Fixture};
@@ -23,6 +24,7 @@ fn fixture(n: usize) -> Vec<UsageEvent> {
     let routes = ["/v1/a", "/v1/b/{id}", "/v1/c", "/v2/d"];
     let statuses = [200, 200, 200, 201, 404, 429, 500, 503];
     let decisions = [Verdict::Allowed, Verdict::Limited, Verdict::ShadowLimited];
+    let rules = ["per-user", "per-org"];
     (0..n)
         .map(|_| {
             let at = end - Duration::milliseconds(rng.random_range(0..3 * 3_600_000));
@@ -44,6 +46,10 @@ fn fixture(n: usize) -> Vec<UsageEvent> {
             e.request_bytes = rng.random_range(0..10_000);
             e.response_bytes = rng.random_range(0..100_000);
             e.cost = rng.random_range(1..5);
+            // Rows then differ by rule too; the usage report, not grouping by it, merges them.
+            if e.decision != Verdict::Allowed {
+                e.rule = Some(rules[rng.random_range(0..rules.len())].into());
+            }
             e
         })
         .collect()
@@ -199,4 +205,218 @@ fn urlencode(s: &str) -> String {
     s.replace('+', "%2B").replace(':', "%3A")
 }
 
-backend_tests!(rollups_match_raw_events);
+/// Events as the edges send them: plain allowed requests without a rule, limited and shadow
+/// limited ones naming one of two rules; a few users and routes over two hours, so that many
+/// rollup rows differ only by their rule.
+fn limits_fixture(n: usize) -> Vec<UsageEvent> {
+    let mut rng = StdRng::seed_from_u64(1_234);
+    let mut fx = Fixture::new(12);
+    let end = Utc::now() - Duration::minutes(2);
+    let users = [Some("u1"), Some("u2"), Some("u3"), None];
+    let routes = ["/v1/a", "/v1/b/{id}"];
+    let rules = ["per-user", "per-org"];
+    (0..n)
+        .map(|_| {
+            let at = end - Duration::milliseconds(rng.random_range(0..2 * 3_600_000));
+            let org = if rng.random_bool(0.9) {
+                "acme"
+            } else {
+                "globex"
+            };
+            let mut e = fx.event(org, at);
+            e.user = users[rng.random_range(0..users.len())].map(str::to_owned);
+            e.route = routes[rng.random_range(0..routes.len())].into();
+            e.method = if rng.random_bool(0.7) { "GET" } else { "POST" }.into();
+            e.decision = match rng.random_range(0..4) {
+                0 | 1 => Verdict::Allowed,
+                2 => Verdict::Limited,
+                _ => Verdict::ShadowLimited,
+            };
+            e.rule = (e.decision != Verdict::Allowed)
+                .then(|| rules[rng.random_range(0..rules.len())].to_owned());
+            e.status = match e.decision {
+                Verdict::Limited => 429,
+                _ => [200, 200, 201, 500][rng.random_range(0..4)],
+            };
+            e.latency_us = rng.random_range(100..200_000);
+            e.request_bytes = rng.random_range(0..1_000);
+            e.response_bytes = rng.random_range(0..10_000);
+            e.cost = rng.random_range(1..4);
+            e
+        })
+        .collect()
+}
+
+/// A rollup row's whole key: bucket, user, route, method, status class, decision, rule.
+type FullKey = (i64, String, String, String, i64, String, String);
+
+/// calls, errors, cost, request bytes, response bytes.
+type Sums = (i64, i64, i64, i64, i64);
+
+fn add(into: &mut Sums, other: Sums) {
+    into.0 += other.0;
+    into.1 += other.1;
+    into.2 += other.2;
+    into.3 += other.3;
+    into.4 += other.4;
+}
+
+async fn rollups_split_by_rule(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let events = limits_fixture(4_000);
+    // The fixture must hold what the test is about: both rules, each limiting and shadow
+    // limiting, and allowed requests without a rule.
+    let pairs: BTreeSet<(&str, Option<&str>)> = events
+        .iter()
+        .map(|e| (decision_name(e.decision), e.rule.as_deref()))
+        .collect();
+    assert_eq!(
+        pairs,
+        BTreeSet::from([
+            ("allowed", None),
+            ("limited", Some("per-org")),
+            ("limited", Some("per-user")),
+            ("shadow_limited", Some("per-org")),
+            ("shadow_limited", Some("per-user")),
+        ])
+    );
+
+    // Two halves, each folded: the second updates rows the first created (the merge path),
+    // with events out of order; then a resend, which must not count.
+    let mut shuffled = events.clone();
+    shuffled.shuffle(&mut StdRng::seed_from_u64(8));
+    let (first, second) = shuffled.split_at(shuffled.len() / 2);
+    for half in [first, second] {
+        for batch in half.chunks(250) {
+            let r = app.ingest(&app.admin, batch).await;
+            assert_eq!(r.json()["accepted"], batch.len(), "{}", r.text());
+        }
+        app.settle().await;
+    }
+    let r = app.ingest(&app.admin, &shuffled[..250]).await;
+    assert_eq!(r.json()["duplicates"], 250, "{}", r.text());
+    app.settle().await;
+
+    for g in Granularity::ALL {
+        let mut expected: BTreeMap<FullKey, Sums> = BTreeMap::new();
+        for e in events.iter().filter(|e| e.org == "acme") {
+            let key = (
+                g.bucket(e.timestamp),
+                e.user.clone().unwrap_or_default(),
+                e.route.clone(),
+                e.method.clone(),
+                i64::from(e.status / 100),
+                decision_name(e.decision).to_owned(),
+                e.rule.clone().unwrap_or_default(),
+            );
+            let sums = (
+                1,
+                i64::from(e.status >= 500),
+                e.cost as i64,
+                e.request_bytes as i64,
+                e.response_bytes as i64,
+            );
+            add(expected.entry(key).or_default(), sums);
+        }
+
+        let rows = app
+            .state
+            .storage
+            .rollup_rows("acme", g, 0, i64::MAX)
+            .await
+            .unwrap();
+        let mut stored: BTreeMap<FullKey, Sums> = BTreeMap::new();
+        for row in rows {
+            assert_eq!(
+                row.values.sketch.len(),
+                row.values.calls as u64,
+                "{g:?}: one latency per call"
+            );
+            let key = (
+                row.bucket,
+                row.user,
+                row.route,
+                row.method,
+                row.status_class,
+                row.decision,
+                row.rule,
+            );
+            let v = &row.values;
+            let sums = (v.calls, v.errors, v.cost, v.request_bytes, v.response_bytes);
+            assert!(
+                stored.insert(key.clone(), sums).is_none(),
+                "{g:?}: two rows for {key:?}"
+            );
+        }
+        // Every row carries its rule: row for row, the rollups are the raw events grouped by
+        // the whole key.
+        assert_eq!(stored, expected, "{g:?}: rollup rows");
+        // And rows that differ only by their rule exist: the rule splits rows, not just labels
+        // them.
+        let without_rule: BTreeSet<_> = stored
+            .keys()
+            .map(|k| (k.0, &k.1, &k.2, &k.3, k.4, &k.5))
+            .collect();
+        assert!(without_rule.len() < stored.len(), "{g:?}");
+
+        // What the limits report sums: per (rule, decision, user), from the rollups and from
+        // the raw events directly.
+        let mut from_rollups: BTreeMap<(String, String, String), Sums> = BTreeMap::new();
+        for ((_, user, _, _, _, decision, rule), sums) in &stored {
+            add(
+                from_rollups
+                    .entry((rule.clone(), decision.clone(), user.clone()))
+                    .or_default(),
+                *sums,
+            );
+        }
+        let mut from_events: BTreeMap<(String, String, String), Sums> = BTreeMap::new();
+        for e in events.iter().filter(|e| e.org == "acme") {
+            add(
+                from_events
+                    .entry((
+                        e.rule.clone().unwrap_or_default(),
+                        decision_name(e.decision).to_owned(),
+                        e.user.clone().unwrap_or_default(),
+                    ))
+                    .or_default(),
+                (
+                    1,
+                    i64::from(e.status >= 500),
+                    e.cost as i64,
+                    e.request_bytes as i64,
+                    e.response_bytes as i64,
+                ),
+            );
+        }
+        assert_eq!(from_rollups, from_events, "{g:?}: per rule, decision, user");
+        // 2 rules × 2 decisions × 4 users, plus allowed (no rule) × 4 users.
+        assert_eq!(from_rollups.len(), 20, "{g:?}: {:?}", from_rollups.keys());
+    }
+
+    // globex's events are in globex's rows, split by rule the same way.
+    let globex = app
+        .state
+        .storage
+        .rollup_rows("globex", Granularity::Day, 0, i64::MAX)
+        .await
+        .unwrap();
+    let mut per_rule: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for row in &globex {
+        *per_rule
+            .entry((row.rule.clone(), row.decision.clone()))
+            .or_default() += row.values.calls;
+    }
+    let mut expected: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.org == "globex") {
+        *expected
+            .entry((
+                e.rule.clone().unwrap_or_default(),
+                decision_name(e.decision).to_owned(),
+            ))
+            .or_default() += 1;
+    }
+    assert_eq!(per_rule, expected);
+}
+
+backend_tests!(rollups_match_raw_events, rollups_split_by_rule);

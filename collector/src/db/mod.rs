@@ -70,6 +70,8 @@ pub struct StoredRollup {
     pub status_class: i64,
     /// Decision.
     pub decision: String,
+    /// The rule that decided the events ('' when none).
+    pub rule: String,
     /// Counters and sketch.
     pub values: crate::rollup::RollupValues,
 }
@@ -99,6 +101,7 @@ type RollupRow = (
     String,
     String,
     i64,
+    String,
     String,
     i64,
     i64,
@@ -332,7 +335,8 @@ impl Storage {
     ) -> Result<Vec<StoredRollup>, DbError> {
         let rows: Vec<RollupRow> = both!(self, pool => sqlx::query_as(
             "SELECT bucket, user_id, route, method, CAST(status_class AS BIGINT), decision, \
-             calls, errors, cost, request_bytes, response_bytes, latency_sketch FROM rollups \
+             rule, calls, errors, cost, request_bytes, response_bytes, latency_sketch \
+             FROM rollups \
              WHERE org = $1 AND granularity = $2 AND bucket >= $3 AND bucket < $4",
         )
         .bind(org)
@@ -350,13 +354,14 @@ impl Storage {
                 method: r.3,
                 status_class: r.4,
                 decision: r.5,
+                rule: r.6,
                 values: crate::rollup::RollupValues {
-                    calls: r.6,
-                    errors: r.7,
-                    cost: r.8,
-                    request_bytes: r.9,
-                    response_bytes: r.10,
-                    sketch: crate::rollup::decode_sketch(r.11.as_deref()),
+                    calls: r.7,
+                    errors: r.8,
+                    cost: r.9,
+                    request_bytes: r.10,
+                    response_bytes: r.11,
+                    sketch: crate::rollup::decode_sketch(r.12.as_deref()),
                 },
             })
             .collect())

@@ -24,6 +24,7 @@ type QueueRow = (
     String,
     i64,
     String,
+    String,
     i64,
     i64,
     i64,
@@ -248,12 +249,13 @@ impl PgStore {
         let ids: Vec<(Uuid,)> = sqlx::query_as(&format!(
             "WITH ins AS (INSERT INTO events ({EVENT_COLUMNS}) \
              SELECT {EVENT_COLUMNS} FROM staging_events ON CONFLICT DO NOTHING \
-             RETURNING id, ts, org, user_id, route, method, status, decision, latency_us, \
+             RETURNING id, ts, org, user_id, route, method, status, decision, rule, latency_us, \
              request_bytes, response_bytes, cost), \
              q AS (INSERT INTO rollup_queue (ts, org, user_id, route, method, status, decision, \
-             latency_us, request_bytes, response_bytes, cost) \
+             rule, latency_us, request_bytes, response_bytes, cost) \
              SELECT floor(extract(epoch FROM ts))::bigint, org, coalesce(user_id, ''), route, \
-             method, status, decision, latency_us, request_bytes, response_bytes, cost FROM ins) \
+             method, status, decision, coalesce(rule, ''), latency_us, request_bytes, \
+             response_bytes, cost FROM ins) \
              SELECT id FROM ins"
         ))
         .fetch_all(&mut *tx)
@@ -270,7 +272,8 @@ impl PgStore {
         let rows: Vec<QueueRow> = sqlx::query_as(
             "DELETE FROM rollup_queue WHERE seq IN (SELECT seq FROM rollup_queue ORDER BY seq \
              LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING ts, org, user_id, route, method, \
-             CAST(status AS BIGINT), decision, latency_us, request_bytes, response_bytes, cost",
+             CAST(status AS BIGINT), decision, rule, latency_us, request_bytes, response_bytes, \
+             cost",
         )
         .bind(max.min(i64::MAX as usize) as i64)
         .fetch_all(&mut *tx)
@@ -288,10 +291,11 @@ impl PgStore {
                 method: r.4,
                 status: r.5 as u16,
                 decision: r.6,
-                latency_us: r.7 as u64,
-                request_bytes: r.8 as u64,
-                response_bytes: r.9 as u64,
-                cost: r.10 as u64,
+                rule: r.7,
+                latency_us: r.8 as u64,
+                request_bytes: r.9 as u64,
+                response_bytes: r.10 as u64,
+                cost: r.11 as u64,
             })
             .collect();
         let deltas = rollup::aggregate(&samples);
@@ -301,11 +305,12 @@ impl PgStore {
             // 1. Make sure every row exists (empty), racing replicas included.
             sqlx::query(
                 "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
-                 status_class, decision, calls, errors, cost, request_bytes, response_bytes, \
-                 latency_sketch) \
-                 SELECT t.org, t.h, t.g, t.b, t.u, t.r, t.m, t.s, t.d, 0, 0, 0, 0, 0, NULL \
+                 status_class, decision, rule, calls, errors, cost, request_bytes, \
+                 response_bytes, latency_sketch) \
+                 SELECT t.org, t.h, t.g, t.b, t.u, t.r, t.m, t.s, t.d, t.rl, 0, 0, 0, 0, 0, NULL \
                  FROM UNNEST($1::text[], $2::int8[], $3::int2[], $4::int8[], $5::text[], \
-                 $6::text[], $7::text[], $8::int2[], $9::text[]) AS t(org, h, g, b, u, r, m, s, d) \
+                 $6::text[], $7::text[], $8::int2[], $9::text[], $10::text[]) \
+                 AS t(org, h, g, b, u, r, m, s, d, rl) \
                  ON CONFLICT (org, key_hash) DO NOTHING",
             )
             .bind(&orgs)
@@ -337,6 +342,7 @@ impl PgStore {
                     .map(|d| d.0.decision.as_str())
                     .collect::<Vec<_>>(),
             )
+            .bind(deltas.iter().map(|d| d.0.rule.as_str()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
             // 2. Lock them in (org, key_hash) order and read their sketches.

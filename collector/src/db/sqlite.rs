@@ -17,7 +17,8 @@ const COLUMNS: &str = "INSERT INTO events (id, ts, org, user_id, plan, method, r
     latency_us, request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, \
     metrics, fingerprint, received_at) ";
 const QUEUE_COLUMNS: &str = "INSERT INTO rollup_queue (ts, org, user_id, route, method, \
-    status, decision, latency_us, request_bytes, response_bytes, cost) ";
+    status, decision, rule, latency_us, request_bytes, response_bytes, cost) ";
+/// 12 columns × 2,000 rows stays under SQLite's 32,766 bound parameters.
 const QUEUE_ROWS_PER_STATEMENT: usize = 2_000;
 
 /// Rows per statement: 20 columns × 1,000 rows stays under SQLite's 32,766 bound parameters,
@@ -89,6 +90,7 @@ pub(super) async fn write_events(
                 .push_bind(e.method.as_str())
                 .push_bind(i64::from(e.status))
                 .push_bind(rollup::decision_name(e.decision))
+                .push_bind(e.rule.as_deref().unwrap_or(""))
                 .push_bind(e.latency_us as i64)
                 .push_bind(e.request_bytes as i64)
                 .push_bind(e.response_bytes as i64)
@@ -108,6 +110,7 @@ type QueueRow = (
     String,
     String,
     i64,
+    String,
     String,
     i64,
     i64,
@@ -129,7 +132,7 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
     let _guard = FOLD_LOCK.lock().await;
     let mut conn = pool.acquire().await?;
     let rows: Vec<QueueRow> = sqlx::query_as(
-        "SELECT seq, ts, org, user_id, route, method, status, decision, latency_us, \
+        "SELECT seq, ts, org, user_id, route, method, status, decision, rule, latency_us, \
          request_bytes, response_bytes, cost FROM rollup_queue ORDER BY seq LIMIT $1",
     )
     .bind(max.min(i64::MAX as usize) as i64)
@@ -148,10 +151,11 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
             method: r.5,
             status: r.6 as u16,
             decision: r.7,
-            latency_us: r.8 as u64,
-            request_bytes: r.9 as u64,
-            response_bytes: r.10 as u64,
-            cost: r.11 as u64,
+            rule: r.8,
+            latency_us: r.9 as u64,
+            request_bytes: r.10 as u64,
+            response_bytes: r.11 as u64,
+            cost: r.12 as u64,
         })
         .collect();
     let mut writes = Vec::new();
@@ -196,9 +200,10 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
         } else {
             sqlx::query(
                 "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, \
-                 method, status_class, decision, calls, errors, cost, request_bytes, \
+                 method, status_class, decision, rule, calls, errors, cost, request_bytes, \
                  response_bytes, latency_sketch) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+                 $16)",
             )
             .bind(&key.org)
             .bind(hash)
@@ -209,6 +214,7 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
             .bind(&key.method)
             .bind(key.status_class)
             .bind(&key.decision)
+            .bind(&key.rule)
             .bind(delta.calls)
             .bind(delta.errors)
             .bind(delta.cost)
