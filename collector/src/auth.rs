@@ -144,10 +144,20 @@ impl Caller {
                 .map(str::to_owned)
                 .ok_or_else(|| ApiError::BadRequest("`org` is required for admin keys".into())),
             Role::Reader => match requested {
-                Some(org) if org != self.org => Err(ApiError::Forbidden),
+                // Not 403: whether another org exists is itself not a reader's to learn.
+                Some(org) if org != self.org => Err(ApiError::NotFound),
                 _ => Ok(self.org.clone()),
             },
             Role::Ingest => Err(ApiError::Forbidden),
+        }
+    }
+
+    /// The scope of a `/v1/reports/*` request: a reader's own org (404 for any other); for an
+    /// admin, the org it names or, when it names none, every org.
+    pub fn report_scope(&self, requested: Option<&str>) -> Result<Option<String>, ApiError> {
+        match (self.role, requested) {
+            (Role::Admin, None) => Ok(None),
+            _ => self.report_org(requested).map(Some),
         }
     }
 

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::api::report_limit::ReportLimiter;
 use crate::api::{app, AppState};
 use crate::auth::Role;
 use crate::config::Limits;
@@ -16,6 +17,7 @@ use crate::db::{OrgRecord, Storage};
 use crate::ingest::writer::Writer;
 use crate::metrics::Metrics;
 use crate::pricing::PolicyFile;
+use crate::reports::{ReportCtx, ReportError, ReportQuery};
 
 /// Tollgate's usage collector.
 #[derive(Parser)]
@@ -63,6 +65,8 @@ pub enum Command {
     /// Manage orgs.
     #[command(subcommand)]
     Orgs(OrgsCommand),
+    /// Run a report, as `GET /v1/reports/<NAME>` would (every org unless `--org`).
+    Report(Box<ReportArgs>),
 }
 
 /// `serve` flags.
@@ -89,6 +93,86 @@ pub struct ServeArgs {
     /// Committer tasks (default: 1 on SQLite, 2 on PostgreSQL).
     #[arg(long, env = "TOLLGATE_COMMITTERS")]
     pub committers: Option<usize>,
+}
+
+/// `report` flags: the report's name, its parameters (passed to it as text, as a query string
+/// would be; the report checks them) and the output format.
+#[derive(Args, Clone, Debug)]
+pub struct ReportArgs {
+    /// The report.
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(crate::reports::NAMES))]
+    pub name: String,
+    /// Only this org (default: every org).
+    #[arg(long)]
+    pub org: Option<String>,
+    /// Start, RFC 3339 (rounded down to the hour). Exclusive with `--days`.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End (exclusive), RFC 3339 (rounded up to the hour); default now.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// The last 1–90 days up to `--to` (default 7 when neither `--from` nor `--days`).
+    #[arg(long)]
+    pub days: Option<String>,
+    /// Rows (or series) to return, 1–1000.
+    #[arg(long)]
+    pub limit: Option<String>,
+    /// Comma-separated: `org`, `user`, `route`, `method`, `status_class`, `decision`.
+    #[arg(long)]
+    pub group_by: Option<String>,
+    /// Time-series bucket: `minute`, `hour` or `day`.
+    #[arg(long)]
+    pub interval: Option<String>,
+    /// `top`: `users`, `orgs`, `endpoints` or `routes`.
+    #[arg(long)]
+    pub dimension: Option<String>,
+    /// `top`: rank by `calls` or `cost`.
+    #[arg(long)]
+    pub by: Option<String>,
+    /// `export`: `events` or `rollups`.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// `billing`: the month, `YYYY-MM` (default the current one).
+    #[arg(long)]
+    pub month: Option<String>,
+    /// Output: an aligned table, the API's JSON document (pretty-printed) or CSV.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+    /// The policy file with plans and prices (for `quotas` and `billing`).
+    #[arg(long, env = "TOLLGATE_POLICY")]
+    pub policy: Option<PathBuf>,
+}
+
+/// How `report` prints.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportFormat {
+    /// Columns padded for a terminal.
+    Table,
+    /// The JSON document the HTTP API returns.
+    Json,
+    /// CSV with a header row.
+    Csv,
+}
+
+impl ReportArgs {
+    /// The report parameters given on the command line (the rest `None`).
+    pub fn query(&self) -> ReportQuery {
+        ReportQuery {
+            org: self.org.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            days: self.days.clone(),
+            limit: self.limit.clone(),
+            group_by: self.group_by.clone(),
+            // The CLI renders the report itself (`--format`).
+            format: None,
+            interval: self.interval.clone(),
+            dimension: self.dimension.clone(),
+            by: self.by.clone(),
+            source: self.source.clone(),
+            month: self.month.clone(),
+        }
+    }
 }
 
 /// `keys` subcommands.
@@ -207,6 +291,14 @@ async fn run_async(cli: Cli) -> Result<()> {
             let storage = connect(&cli).await?;
             orgs(&storage, cmd).await
         }
+        Command::Report(args) => {
+            // Read the policy first: a bad file fails before the database is touched.
+            let policy = args.policy.as_deref().map(load_policy).transpose()?;
+            let storage = connect(&cli).await?;
+            let result = report(&storage, policy.as_ref(), args).await;
+            storage.close().await;
+            result
+        }
     }
 }
 
@@ -284,6 +376,46 @@ async fn orgs(storage: &Storage, cmd: &OrgsCommand) -> Result<()> {
     Ok(())
 }
 
+async fn report(storage: &Storage, policy: Option<&PolicyFile>, args: &ReportArgs) -> Result<()> {
+    let name = args.name.as_str();
+    let query = args.query();
+    let ctx = ReportCtx {
+        storage,
+        policy,
+        org: args.org.as_deref(),
+        now: chrono::Utc::now(),
+    };
+    let rendered = match crate::reports::run_named(name, ctx, &query).await {
+        None => bail!(
+            "unknown report '{name}' (one of: {})",
+            crate::reports::NAMES.join(", ")
+        ),
+        // A bad parameter: the report's message names it and says what is expected.
+        Some(Err(e @ ReportError::BadParam { .. })) => bail!("report {name}: {e}"),
+        Some(Err(e)) => {
+            return Err(anyhow::Error::new(e).context(format!("report {name} failed")));
+        }
+        Some(Ok(r)) => r,
+    };
+    let out = match args.format {
+        ReportFormat::Table => rendered.table.to_text(),
+        ReportFormat::Json => {
+            let mut text = serde_json::to_string_pretty(&rendered.json)
+                .context("cannot serialise the report as JSON")?;
+            text.push('\n');
+            text
+        }
+        ReportFormat::Csv => rendered.table.to_csv(),
+    };
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("cannot write the report to stdout")?;
+    Ok(())
+}
+
 /// Everything `serve` builds, for tests that want a running state without a socket.
 pub fn build_state(
     storage: Storage,
@@ -299,6 +431,13 @@ pub fn build_state(
         limits.max_group_events,
         committers,
     );
+    // Both values come from `Limits`; zero is the only way to make the policy invalid.
+    let report_limiter = ReportLimiter::new(
+        limits.report_rate_per_minute.max(1),
+        limits.report_burst.max(1),
+    )
+    .map(Arc::new)
+    .unwrap_or_else(|e| unreachable!("a non-zero token bucket always compiles: {e}"));
     (
         AppState {
             storage,
@@ -306,6 +445,7 @@ pub fn build_state(
             metrics,
             limits: Arc::new(limits),
             policy: policy.map(Arc::new),
+            report_limiter,
         },
         task,
     )

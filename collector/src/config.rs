@@ -21,6 +21,10 @@ pub struct Limits {
     pub max_queued_events: usize,
     /// Most events one group commit takes.
     pub max_group_events: usize,
+    /// Report requests per minute per API key.
+    pub report_rate_per_minute: u64,
+    /// Report requests a key may make at once before the per-minute rate applies.
+    pub report_burst: u64,
 }
 
 impl Default for Limits {
@@ -33,6 +37,8 @@ impl Default for Limits {
             retention: Duration::from_secs(30 * 86_400),
             max_queued_events: 200_000,
             max_group_events: 20_000,
+            report_rate_per_minute: 1_200,
+            report_burst: 600,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod openapi;
 pub mod pricing;
+pub mod reports;
 pub mod rollup;
 pub mod rollup_worker;
 

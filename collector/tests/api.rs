@@ -394,9 +394,10 @@ async fn roles_and_org_scope(backend: Backend) {
     let r = app.get("/v1/usage?granularity=day", &reader).await;
     assert_eq!(r.json()["org"], "acme");
     assert_eq!(r.json()["rows"][0]["calls"], 3);
+    // Another org's data does not exist for a reader: 404, not 403.
     assert_eq!(
         app.get("/v1/usage?org=globex", &reader).await.status,
-        StatusCode::FORBIDDEN
+        StatusCode::NOT_FOUND
     );
     let r = app.get("/v1/usage?granularity=day", &other_reader).await;
     assert_eq!(r.json()["rows"][0]["calls"], 2);
@@ -602,7 +603,26 @@ async fn ops_endpoints(backend: Backend) {
         "GET /readyz",
         "GET /metrics",
         "GET /openapi.json",
-    ];
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    routed.extend(
+        [
+            "overview",
+            "timeseries",
+            "top",
+            "endpoints",
+            "performance",
+            "patterns",
+            "realtime",
+            "limits",
+            "quotas",
+            "billing",
+            "export",
+        ]
+        .map(|r| format!("GET /v1/reports/{r}")),
+    );
     routed.sort();
     assert_eq!(documented, routed);
     // Unknown paths are 404 (so the check above means something).

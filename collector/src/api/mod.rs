@@ -4,6 +4,7 @@
 pub(crate) mod admin;
 pub(crate) mod events;
 pub(crate) mod ops;
+pub mod report_limit;
 pub(crate) mod reports;
 
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// The policy file with prices, when one was given.
     pub policy: Option<Arc<PolicyFile>>,
+    /// The report API's per-key rate limit.
+    pub report_limiter: Arc<report_limit::ReportLimiter>,
 }
 
 /// The router: every route, with the body limit on ingest.
@@ -48,6 +51,17 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/usage", get(reports::usage))
         .route("/v1/bill", get(reports::bill))
+        .route("/v1/reports/overview", get(reports::overview))
+        .route("/v1/reports/timeseries", get(reports::timeseries))
+        .route("/v1/reports/top", get(reports::top))
+        .route("/v1/reports/endpoints", get(reports::endpoints))
+        .route("/v1/reports/performance", get(reports::performance))
+        .route("/v1/reports/patterns", get(reports::patterns))
+        .route("/v1/reports/realtime", get(reports::realtime))
+        .route("/v1/reports/limits", get(reports::limits))
+        .route("/v1/reports/quotas", get(reports::quotas))
+        .route("/v1/reports/billing", get(reports::billing))
+        .route("/v1/reports/export", get(reports::export))
         .route("/v1/orgs", get(admin::list_orgs).post(admin::create_org))
         .route("/v1/keys", get(admin::list_keys).post(admin::create_key))
         .route("/v1/keys/{id}", delete(admin::revoke_key))
@@ -74,6 +88,9 @@ pub enum ApiError {
     /// The request is malformed; the message says how.
     #[error("{0}")]
     BadRequest(String),
+    /// This endpoint exists but is not built yet.
+    #[error("{0}")]
+    NotImplemented(String),
     /// The body (or what it inflates to, or its event count) is too large.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -98,6 +115,7 @@ impl ApiError {
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -111,6 +129,7 @@ impl ApiError {
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound => "not_found",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::NotImplemented(_) => "not_implemented",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Conflict(_) => "conflict",
@@ -153,6 +172,15 @@ impl From<DbError> for ApiError {
         }
         tracing::error!(error = %e, "database error");
         ApiError::Unavailable
+    }
+}
+
+impl From<crate::reports::ReportError> for ApiError {
+    fn from(e: crate::reports::ReportError) -> Self {
+        match e {
+            crate::reports::ReportError::BadParam { .. } => ApiError::BadRequest(e.to_string()),
+            crate::reports::ReportError::Db(db) => db.into(),
+        }
     }
 }
 

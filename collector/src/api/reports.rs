@@ -1,13 +1,19 @@
-//! Reports, answered from the rollups only (never from raw events).
+//! Reports, answered from the rollups only (never from raw events): `/v1/usage`, `/v1/bill` and
+//! the `/v1/reports/*` family (computed in [`crate::reports`], shared with the CLI).
 
 use std::collections::BTreeMap;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::{header, HeaderValue, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
+use super::report_limit::apply;
 use super::{ApiError, AppState, ErrorBody};
 use crate::auth::{Caller, Role};
+use crate::reports::{Format, ReportCtx, ReportQuery, Tabular};
 use crate::rollup::{percentile, Granularity, RollupValues};
 
 /// Most buckets one report may span.
@@ -292,4 +298,202 @@ pub(super) async fn bill(
         charge: price.and_then(|(f, p, _)| f.monthly_charge(p, units.max(0) as u64)),
         plan,
     }))
+}
+
+/// Authorises a report request, applies the per-key limit and parses the query: the caller's
+/// scope, the parsed query and the headers for the response; or the response to send instead.
+async fn admit(
+    state: &AppState,
+    caller: &Caller,
+    uri: &Uri,
+    query: Result<Query<ReportQuery>, QueryRejection>,
+) -> Result<(Option<String>, ReportQuery, Vec<(&'static str, String)>), Response> {
+    caller
+        .require(&[Role::Admin, Role::Reader])
+        .map_err(IntoResponse::into_response)?;
+    let headers = state
+        .report_limiter
+        .check(caller, uri.path())
+        .map_err(|r| *r)?;
+    let with_headers = |e: ApiError| {
+        let mut r = e.into_response();
+        apply(&mut r, &headers);
+        r
+    };
+    let Query(q) = query.map_err(|e| with_headers(ApiError::BadRequest(e.body_text())))?;
+    let org = caller
+        .report_scope(q.org.as_deref())
+        .map_err(&with_headers)?;
+    Ok((org, q, headers))
+}
+
+/// A report as JSON or CSV, with the limiter's headers.
+fn render<R: serde::Serialize + Tabular>(
+    report: &R,
+    format: Format,
+    headers: &[(&'static str, String)],
+) -> Response {
+    let mut response = match format {
+        Format::Csv => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/csv; charset=utf-8"),
+            )],
+            report.table().to_csv(),
+        )
+            .into_response(),
+        Format::Json | Format::Ndjson => Json(report).into_response(),
+    };
+    apply(&mut response, headers);
+    response
+}
+
+/// One `/v1/reports/<name>` handler: admit, run the report from [`crate::reports`], render.
+macro_rules! report_route {
+    ($(#[$doc:meta])* $name:ident, $path:literal, $body:ty) => {
+        $(#[$doc])*
+        #[utoipa::path(get, path = $path, tag = "reports", params(ReportQuery),
+            responses((status = 200, body = $body, description = "The report (JSON, or CSV with `format=csv`)"),
+                (status = 400, body = ErrorBody, description = "A parameter is invalid; the message names it"),
+                (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+                (status = 404, body = ErrorBody, description = "A reader asked for another org"),
+                (status = 429, description = "This key's report rate is exhausted (the edges' 429 body and headers)")),
+            security(("bearer" = [])))]
+        pub(super) async fn $name(
+            State(state): State<AppState>,
+            caller: Caller,
+            uri: Uri,
+            query: Result<Query<ReportQuery>, QueryRejection>,
+        ) -> Response {
+            let (org, q, headers) = match admit(&state, &caller, &uri, query).await {
+                Ok(admitted) => admitted,
+                Err(response) => return response,
+            };
+            let ctx = ReportCtx {
+                storage: &state.storage,
+                policy: state.policy.as_deref(),
+                org: org.as_deref(),
+                now: Utc::now(),
+            };
+            let result = match q.format(false) {
+                Ok(format) => crate::reports::$name(ctx, &q).await.map(|r| render(&r, format, &headers)),
+                Err(e) => Err(e),
+            };
+            result.unwrap_or_else(|e| {
+                let mut r = ApiError::from(e).into_response();
+                apply(&mut r, &headers);
+                r
+            })
+        }
+    };
+}
+
+report_route!(
+    /// Calls, errors, cost, cost per call and unique users over a range, in total and per route
+    /// (or `group_by`).
+    overview, "/v1/reports/overview", crate::reports::Overview
+);
+report_route!(
+    /// Counters per minute, hour or day, optionally one series per group.
+    timeseries, "/v1/reports/timeseries", crate::reports::Timeseries
+);
+report_route!(
+    /// Users, orgs, endpoints or routes ranked by calls or cost.
+    top, "/v1/reports/top", crate::reports::Top
+);
+report_route!(
+    /// Calls, error rate, cost and latency percentiles per endpoint.
+    endpoints, "/v1/reports/endpoints", crate::reports::Endpoints
+);
+report_route!(
+    /// Latency percentiles and error rate over the range and per bucket.
+    performance, "/v1/reports/performance", crate::reports::Performance
+);
+report_route!(
+    /// Traffic by hour of day and weekday, the peaks, calls per day and their trend.
+    patterns, "/v1/reports/patterns", crate::reports::Patterns
+);
+report_route!(
+    /// The last 1, 5 and 15 minutes: requests per minute, active users, error rate, mean latency.
+    realtime, "/v1/reports/realtime", crate::reports::Realtime
+);
+report_route!(
+    /// How often each rule limited whom, shadow hits included.
+    limits, "/v1/reports/limits", crate::reports::Limits
+);
+report_route!(
+    /// Calendar quotas used against their limits in the current period, by org, user and tier.
+    quotas, "/v1/reports/quotas", crate::reports::Quotas
+);
+report_route!(
+    /// Plan fee plus overage for a month, by route and user, with a month-end projection.
+    billing, "/v1/reports/billing", crate::reports::Billing
+);
+
+/// Raw events or rollup rows of a range, streamed as NDJSON (default) or CSV (`format=csv`,
+/// formula-safe). `source=events|rollups`, `interval` for rollups.
+#[utoipa::path(get, path = "/v1/reports/export", tag = "reports", params(ReportQuery),
+    responses((status = 200, content_type = "application/x-ndjson", body = String,
+            description = "One JSON object per line (or CSV with a header row with `format=csv`)"),
+        (status = 400, body = ErrorBody, description = "A parameter is invalid; the message names it"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "A reader asked for another org"),
+        (status = 429, description = "This key's report rate is exhausted")),
+    security(("bearer" = [])))]
+pub(super) async fn export(
+    State(state): State<AppState>,
+    caller: Caller,
+    uri: Uri,
+    query: Result<Query<ReportQuery>, QueryRejection>,
+) -> Response {
+    use crate::reports::export::{encode, header, plan};
+    use futures_util::StreamExt;
+    let (org, q, headers) = match admit(&state, &caller, &uri, query).await {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    let ctx = ReportCtx {
+        storage: &state.storage,
+        policy: state.policy.as_deref(),
+        org: org.as_deref(),
+        now: Utc::now(),
+    };
+    let plan = match plan(ctx, &q) {
+        Ok(plan) => plan,
+        Err(e) => {
+            let mut r = ApiError::from(e).into_response();
+            apply(&mut r, &headers);
+            return r;
+        }
+    };
+    let rows = state
+        .storage
+        .export(plan.source, plan.org.clone(), plan.from, plan.to);
+    let format = plan.format;
+    let first =
+        futures_util::stream::once(std::future::ready(Ok::<_, std::io::Error>(header(&plan))));
+    // A database failure mid-stream ends the body with an error: the client sees a truncated
+    // transfer rather than a silently short export.
+    let body = futures_util::stream::unfold(rows, |mut rows| async move {
+        let item = rows.recv().await?;
+        Some((item, rows))
+    })
+    .map(move |item| match item {
+        Ok(record) => Ok(encode(&record, format)),
+        Err(e) => {
+            tracing::error!(error = %e, "export failed mid-stream");
+            Err(std::io::Error::other("export failed"))
+        }
+    });
+    let content_type = match format {
+        Format::Csv => "text/csv; charset=utf-8",
+        _ => "application/x-ndjson",
+    };
+    let mut response = (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        axum::body::Body::from_stream(first.chain(body)),
+    )
+        .into_response();
+    apply(&mut response, &headers);
+    response
 }

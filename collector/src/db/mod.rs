@@ -3,6 +3,7 @@
 //! differ — the ingest write path above all — each has its own module.
 
 mod postgres;
+pub mod reports;
 mod sqlite;
 
 use std::str::FromStr;

@@ -222,6 +222,11 @@ impl Policy {
             .any(|r| r.scope == scope)
     }
 
+    /// The plan of callers whose key or claims name none.
+    pub fn default_plan(&self) -> &str {
+        &self.default_plan
+    }
+
     /// Whether `plan` exists.
     pub fn has_plan(&self, plan: &str) -> bool {
         self.plans.contains_key(plan)
