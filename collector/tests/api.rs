@@ -317,8 +317,8 @@ async fn bad_input_is_refused_with_reasons(backend: Backend) {
         })
         .collect();
     let expect = [
-        (1, "too far in the future"),
-        (2, "older than retention"),
+        (1, "ahead of the collector's clock"),
+        (2, "beyond the 2592000 s retention"),
         (3, "UUIDv7"),
         (4, "`status`"),
         (5, "not this key's org"),

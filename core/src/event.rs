@@ -119,9 +119,27 @@ pub enum EventError {
     /// The id is not a UUIDv7.
     #[error("`id` must be a UUIDv7 (time-ordered), got version {0}")]
     NotV7(usize),
-    /// The timestamp is outside what the receiver accepts.
-    #[error("`timestamp` {0} is too far in the future or older than retention")]
-    OutOfRange(DateTime<Utc>),
+    /// The timestamp is further ahead of the receiver's clock than it accepts (a producer
+    /// with a fast clock).
+    #[error("`timestamp` {at} is {ahead_secs} s ahead of the collector's clock; at most {max_secs} s is accepted (check the producer's clock)")]
+    InFuture {
+        /// The event's timestamp.
+        at: DateTime<Utc>,
+        /// How far ahead it is.
+        ahead_secs: i64,
+        /// The most accepted.
+        max_secs: i64,
+    },
+    /// The timestamp is older than the receiver keeps events (it would be deleted at once).
+    #[error("`timestamp` {at} is {age_secs} s old, beyond the {max_secs} s retention; such events are not stored")]
+    TooOld {
+        /// The event's timestamp.
+        at: DateTime<Utc>,
+        /// How old it is.
+        age_secs: i64,
+        /// The retention.
+        max_secs: i64,
+    },
 }
 
 /// A batch that cannot be read at all.
@@ -249,8 +267,19 @@ impl UsageEvent {
         max_age_secs: i64,
     ) -> Result<(), EventError> {
         let delta = self.timestamp.signed_duration_since(now).num_seconds();
-        if delta > max_ahead_secs || delta < -max_age_secs {
-            return Err(EventError::OutOfRange(self.timestamp));
+        if delta > max_ahead_secs {
+            return Err(EventError::InFuture {
+                at: self.timestamp,
+                ahead_secs: delta,
+                max_secs: max_ahead_secs,
+            });
+        }
+        if delta < -max_age_secs {
+            return Err(EventError::TooOld {
+                at: self.timestamp,
+                age_secs: -delta,
+                max_secs: max_age_secs,
+            });
         }
         Ok(())
     }
@@ -486,15 +515,29 @@ mod tests {
         let id = EventIdGenerator::new(1).next_id(Timestamp::from_secs(1_790_000_000));
         let e = sample(id);
         let now = e.timestamp;
-        assert!(e
-            .validate_time(now - chrono::Duration::seconds(301), 300, 86_400)
-            .is_err());
+        assert!(matches!(
+            e.validate_time(now - chrono::Duration::seconds(301), 300, 86_400),
+            Err(EventError::InFuture {
+                ahead_secs: 301,
+                max_secs: 300,
+                ..
+            })
+        ));
         assert!(e
             .validate_time(now - chrono::Duration::seconds(299), 300, 86_400)
             .is_ok());
-        assert!(e
+        let old = e
             .validate_time(now + chrono::Duration::days(2), 300, 86_400)
-            .is_err());
+            .unwrap_err();
+        assert!(matches!(
+            old,
+            EventError::TooOld {
+                age_secs: 172_800,
+                max_secs: 86_400,
+                ..
+            }
+        ));
+        assert!(old.to_string().contains("86400 s retention"), "{old}");
     }
 
     #[test]
