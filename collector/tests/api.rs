@@ -608,20 +608,10 @@ async fn ops_endpoints(backend: Backend) {
     .map(String::from)
     .collect::<Vec<_>>();
     routed.extend(
-        [
-            "overview",
-            "timeseries",
-            "top",
-            "endpoints",
-            "performance",
-            "patterns",
-            "realtime",
-            "limits",
-            "quotas",
-            "billing",
-            "export",
-        ]
-        .map(|r| format!("GET /v1/reports/{r}")),
+        tollgate_collector::reports::NAMES
+            .iter()
+            .chain(&["export"])
+            .map(|r| format!("GET /v1/reports/{r}")),
     );
     routed.sort();
     assert_eq!(documented, routed);

@@ -325,23 +325,18 @@ async fn top_users_orgs_and_endpoints(backend: Backend) {
 }
 
 /// Every report route, for the tenancy and validation matrices.
-const REPORTS: [&str; 8] = [
-    "overview",
-    "timeseries",
-    "top",
-    "endpoints",
-    "performance",
-    "patterns",
-    "realtime",
-    "limits",
-];
-// `quotas` and `billing` need a policy file: their tenancy is checked in their own tests.
+/// The reports that need no policy file (`quotas` and `billing` have their own tenancy checks).
+fn reports() -> impl Iterator<Item = &'static str> {
+    tollgate_collector::reports::NAMES
+        .into_iter()
+        .filter(|r| !["quotas", "billing"].contains(r))
+}
 
 async fn tenancy_for_every_report(backend: Backend) {
     let (app, _, range) = loaded(backend).await;
     let reader = app.key("acme", Role::Reader).await;
     let ingest = app.key("acme", Role::Ingest).await;
-    for report in REPORTS {
+    for report in reports() {
         // `realtime` is always the last minutes: it takes no range.
         let range = if report == "realtime" {
             "format=json"
@@ -401,7 +396,7 @@ async fn bad_parameters_are_named(backend: Backend) {
         ("group_by=colour", "group_by"),
         ("dayz=3", "dayz"),
     ];
-    for report in REPORTS {
+    for report in reports() {
         for (query, param) in cases {
             let r = app
                 .get(&format!("/v1/reports/{report}?{query}"), &app.admin)

@@ -247,6 +247,16 @@ impl Aggregate<'_> {
             .collect::<Vec<_>>()
             .join(", ")
     }
+
+    /// The group columns as the start of a select list (empty, or ending in a comma).
+    fn select_group(&self) -> String {
+        let group = self.group_sql();
+        if group.is_empty() {
+            group
+        } else {
+            format!("{group}, ")
+        }
+    }
 }
 
 /// Binds the org (when any) and the segment bounds, then fetches; the same for both engines.
@@ -283,11 +293,7 @@ impl Storage {
     pub async fn aggregate(&self, agg: &Aggregate<'_>) -> Result<Vec<Totals>, DbError> {
         let (filter, binds) = agg.filter();
         let group = agg.group_sql();
-        let select_group = if group.is_empty() {
-            String::new()
-        } else {
-            format!("{group}, ")
-        };
+        let select_group = agg.select_group();
         let mut sql = format!(
             "SELECT {select_group}CAST(COALESCE(SUM(calls), 0) AS BIGINT), \
              CAST(COALESCE(SUM(errors), 0) AS BIGINT), CAST(COALESCE(SUM(cost), 0) AS BIGINT), \
@@ -343,13 +349,10 @@ impl Storage {
         agg: &Aggregate<'_>,
     ) -> Result<HashMap<Vec<Value>, Histogram<u64>>, DbError> {
         let (filter, binds) = agg.filter();
-        let group = agg.group_sql();
-        let select_group = if group.is_empty() {
-            String::new()
-        } else {
-            format!("{group}, ")
-        };
-        let sql = format!("SELECT {select_group}latency_sketch FROM rollups{filter}");
+        let sql = format!(
+            "SELECT {}latency_sketch FROM rollups{filter}",
+            agg.select_group()
+        );
         let k = agg.group.len();
         let mut out: HashMap<Vec<Value>, Histogram<u64>> = HashMap::new();
         let mut add = |key: Vec<Value>, blob: Option<Vec<u8>>| {
