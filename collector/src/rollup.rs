@@ -231,31 +231,38 @@ pub fn percentile(h: &Histogram<u64>, q: f64) -> u64 {
 }
 
 /// What a rollup needs of one event (a row of the rollup queue).
-#[derive(Clone, Debug, PartialEq, Eq)]
+// Decoded by name from the queue on both engines (`user_id`; integers are stored as BIGINT).
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct Sample {
     /// Event time, seconds since the epoch.
     pub ts: i64,
     /// Org.
     pub org: String,
     /// User ('' when none).
+    #[sqlx(rename = "user_id")]
     pub user: String,
     /// Route template.
     pub route: String,
     /// Method.
     pub method: String,
     /// Status.
+    #[sqlx(try_from = "i64")]
     pub status: u16,
     /// Decision name.
     pub decision: String,
     /// The rule that decided the event ('' when none).
     pub rule: String,
     /// Latency, µs.
+    #[sqlx(try_from = "i64")]
     pub latency_us: u64,
     /// Request bytes.
+    #[sqlx(try_from = "i64")]
     pub request_bytes: u64,
     /// Response bytes.
+    #[sqlx(try_from = "i64")]
     pub response_bytes: u64,
     /// Cost units.
+    #[sqlx(try_from = "i64")]
     pub cost: u64,
 }
 

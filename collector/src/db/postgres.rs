@@ -16,21 +16,6 @@ use uuid::Uuid;
 use super::{edge_name, json_or_null, DbError};
 use crate::rollup::{self, decode_sketch, encode_sketch, merge_sketch, Sample};
 
-type QueueRow = (
-    i64,
-    String,
-    String,
-    String,
-    String,
-    i64,
-    String,
-    String,
-    i64,
-    i64,
-    i64,
-    i64,
-);
-
 const EVENT_COLUMNS: &str = "id, ts, org, user_id, plan, method, route, status, latency_us, \
     request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, metrics, \
     fingerprint, received_at";
@@ -269,35 +254,18 @@ impl PgStore {
     /// with `FOR UPDATE SKIP LOCKED`, so folders on several replicas never take the same ones.
     pub(super) async fn fold(&self, max: usize) -> Result<usize, DbError> {
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<QueueRow> = sqlx::query_as(
+        let samples: Vec<Sample> = sqlx::query_as(
             "DELETE FROM rollup_queue WHERE seq IN (SELECT seq FROM rollup_queue ORDER BY seq \
              LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING ts, org, user_id, route, method, \
-             CAST(status AS BIGINT), decision, rule, latency_us, request_bytes, response_bytes, \
-             cost",
+             CAST(status AS BIGINT) AS status, decision, rule, latency_us, request_bytes, \
+             response_bytes, cost",
         )
         .bind(max.min(i64::MAX as usize) as i64)
         .fetch_all(&mut *tx)
         .await?;
-        if rows.is_empty() {
+        if samples.is_empty() {
             return Ok(0);
         }
-        let samples: Vec<Sample> = rows
-            .into_iter()
-            .map(|r| Sample {
-                ts: r.0,
-                org: r.1,
-                user: r.2,
-                route: r.3,
-                method: r.4,
-                status: r.5 as u16,
-                decision: r.6,
-                rule: r.7,
-                latency_us: r.8 as u64,
-                request_bytes: r.9 as u64,
-                response_bytes: r.10 as u64,
-                cost: r.11 as u64,
-            })
-            .collect();
         let deltas = rollup::aggregate(&samples);
         if !deltas.is_empty() {
             let orgs: Vec<&str> = deltas.iter().map(|d| d.0.org.as_str()).collect();

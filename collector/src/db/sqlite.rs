@@ -102,21 +102,13 @@ pub(super) async fn write_events(
     Ok(events.iter().map(|e| inserted.contains(&e.id)).collect())
 }
 
-type QueueRow = (
-    i64,
-    i64,
-    String,
-    String,
-    String,
-    String,
-    i64,
-    String,
-    String,
-    i64,
-    i64,
-    i64,
-    i64,
-);
+/// A queued sample and its place in the queue.
+#[derive(sqlx::FromRow)]
+struct Queued {
+    seq: i64,
+    #[sqlx(flatten)]
+    sample: Sample,
+}
 
 /// One folder at a time per process: the fold reads outside its write transaction (below), which
 /// is only sound while nothing else changes the rollups or the queue's head meanwhile. A SQLite
@@ -131,33 +123,17 @@ static FOLD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError> {
     let _guard = FOLD_LOCK.lock().await;
     let mut conn = pool.acquire().await?;
-    let rows: Vec<QueueRow> = sqlx::query_as(
+    let rows: Vec<Queued> = sqlx::query_as(
         "SELECT seq, ts, org, user_id, route, method, status, decision, rule, latency_us, \
          request_bytes, response_bytes, cost FROM rollup_queue ORDER BY seq LIMIT $1",
     )
     .bind(max.min(i64::MAX as usize) as i64)
     .fetch_all(&mut *conn)
     .await?;
-    let Some(last) = rows.last().map(|r| r.0) else {
+    let Some(last) = rows.last().map(|r| r.seq) else {
         return Ok(0);
     };
-    let samples: Vec<Sample> = rows
-        .into_iter()
-        .map(|r| Sample {
-            ts: r.1,
-            org: r.2,
-            user: r.3,
-            route: r.4,
-            method: r.5,
-            status: r.6 as u16,
-            decision: r.7,
-            rule: r.8,
-            latency_us: r.9 as u64,
-            request_bytes: r.10 as u64,
-            response_bytes: r.11 as u64,
-            cost: r.12 as u64,
-        })
-        .collect();
+    let samples: Vec<Sample> = rows.into_iter().map(|r| r.sample).collect();
     let mut writes = Vec::new();
     for (key, hash, delta) in rollup::aggregate(&samples) {
         let existing: Option<(Option<Vec<u8>>,)> =
