@@ -2,11 +2,18 @@
 //! writes with compare-and-swap, so all workers share one count per key.
 //!
 //! **Layout.** A fixed table of `slots` entries, keys `tg:<slots>:<n>`. A counter lives in slot
-//! `fingerprint(key) % slots`; the value is the key's 8-byte fingerprint followed by the
-//! algorithm's state bytes. An empty value is a vacant slot. Memory is therefore flat —
-//! `slots × (key ~16 B + value 8 B + state ≤ ~40 B (sliding logs more) + Envoy's map and string
-//! overhead ~100 B)`, about 10 MiB for the default 65,536 slots and ~170 MiB for a million —
-//! whatever the number of distinct keys.
+//! `fingerprint(key) % slots`; the value is the key's 8-byte fingerprint, the state's length
+//! (2 bytes), the algorithm's state bytes and zero padding up to [`SLOT_WIDTH`] bytes. A value
+//! with length 0 is a vacant slot.
+//!
+//! **Why fixed width.** Envoy replaces a shared-data value with a new string of the value's
+//! size. Were vacant slots empty (no heap) and used ones ~30 bytes, memory would grow by a heap
+//! allocation per key until every slot was used. Written full-width from the start — vacant
+//! ones too — every slot's allocation is made once, at startup, and each update swaps it for one
+//! of the same size: memory stays flat from the first request, whatever the number of distinct
+//! keys, about `slots × (key ~16 B + value 64 B + Envoy's map and string overhead)`. States
+//! larger than the width (sliding logs of more than three entries) still work; only their slots
+//! grow.
 //!
 //! **Eviction rule.** A slot holding another key's fingerprint reads as absent for this key;
 //! the newcomer's CAS write takes the slot over, and the evicted key starts fresh the next time
@@ -48,14 +55,49 @@ pub trait SharedData {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError>;
 }
 
+/// Bytes of every slot value: fingerprint (8), state length (2), state, zero padding. 64 holds
+/// every fixed-size state (the largest, a token bucket or sliding window, is ~25 bytes) with
+/// room for short sliding logs.
+pub const SLOT_WIDTH: usize = 64;
+
+/// Bytes before the state.
+const HEADER: usize = 10;
+
+/// A slot value: `fp`'s state `state`, padded to [`SLOT_WIDTH`].
+fn encode_slot(fp: u64, state: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(SLOT_WIDTH.max(HEADER + state.len()));
+    value.extend_from_slice(&fp.to_le_bytes());
+    // A state is at most a few KiB (sliding logs are capped), far below 64 KiB.
+    value.extend_from_slice(&u16::try_from(state.len()).unwrap_or(u16::MAX).to_le_bytes());
+    value.extend_from_slice(state);
+    value.resize(SLOT_WIDTH.max(value.len()), 0);
+    value
+}
+
+/// The owner's fingerprint and state of a slot value; `None` for a vacant or unreadable one.
+fn decode_slot(value: &[u8]) -> Option<(u64, &[u8])> {
+    let owner = u64::from_le_bytes(value.get(..8)?.try_into().ok()?);
+    let len = usize::from(u16::from_le_bytes(value.get(8..HEADER)?.try_into().ok()?));
+    if len == 0 {
+        return None;
+    }
+    Some((owner, value.get(HEADER..HEADER + len)?))
+}
+
+/// A vacant slot's value.
+fn vacant() -> Vec<u8> {
+    encode_slot(0, &[])
+}
+
 /// The shared-data key of slot `n` in a table of `slots`. The table size is part of the key, so
 /// a configuration with another size gets a fresh table instead of misreading the old one.
 pub fn slot_key(slots: u32, n: u32) -> String {
-    format!("tg:{slots}:{n}")
+    // `w64`: the value layout, so a filter with another layout never misreads this table.
+    format!("tg:w64:{slots}:{n}")
 }
 
 fn marker_key(slots: u32) -> String {
-    format!("tg:{slots}:ready")
+    format!("tg:w64:{slots}:ready")
 }
 
 /// Writes every slot of the table (vacant) unless the table is already marked done. Returns
@@ -66,10 +108,11 @@ pub fn init_table<H: SharedData>(host: &H, slots: u32) -> Result<u32, HostError>
         return Ok(0);
     }
     let mut written = 0;
+    let empty = vacant();
     for n in 0..slots {
         let key = slot_key(slots, n);
         if host.get(&key)?.1.is_none() {
-            host.set(&key, &[], None)?;
+            host.set(&key, &empty, None)?;
             written += 1;
         }
     }
@@ -125,15 +168,14 @@ impl<H: SharedData> CounterStore for SlotStore<'_, H> {
             // Missing: create it vacant (Envoy ignores the token for a missing key) and re-read
             // to get a real token.
             self.created_late += 1;
-            self.host.set(&slot, &[], None)?;
+            self.host.set(&slot, &vacant(), None)?;
             (value, cas) = self.host.get(&slot)?;
         }
         let version = u64::from(cas.unwrap_or(0));
-        let bytes = value.and_then(|v| {
-            let (head, state) = v.split_at_checked(8)?;
-            let owner = u64::from_le_bytes(head.try_into().ok()?);
-            (owner == fp).then(|| state.to_vec())
-        });
+        let bytes = value
+            .as_deref()
+            .and_then(decode_slot)
+            .and_then(|(owner, state)| (owner == fp).then(|| state.to_vec()));
         Ok(Stored { bytes, version })
     }
 
@@ -143,10 +185,7 @@ impl<H: SharedData> CounterStore for SlotStore<'_, H> {
             return Ok(false);
         };
         let (slot, fp) = self.key_of(key);
-        let mut value = Vec::with_capacity(8 + bytes.len());
-        value.extend_from_slice(&fp.to_le_bytes());
-        value.extend_from_slice(bytes);
-        self.host.set(&slot, &value, Some(cas))
+        self.host.set(&slot, &encode_slot(fp, bytes), Some(cas))
     }
 }
 
@@ -204,7 +243,37 @@ mod tests {
         assert_eq!(init_table(&host, 16).unwrap(), 16);
         assert_eq!(init_table(&host, 16).unwrap(), 0);
         assert_eq!(host.map.borrow().len(), 17);
-        assert_eq!(host.map.borrow()["tg:16:3"].0, Vec::<u8>::new());
+        // Vacant slots are already full width: using them allocates nothing new.
+        assert_eq!(host.map.borrow()["tg:w64:16:3"].0, vec![0u8; SLOT_WIDTH]);
+    }
+
+    #[test]
+    fn every_value_is_full_width_and_round_trips() {
+        let host = FakeShared::default();
+        init_table(&host, 4).unwrap();
+        let mut s = SlotStore::new(&host, 4);
+        let k = CounterKey::from("r|u:a");
+        for state in [&b"x"[..], &[7u8; 54][..], &[9u8; 100][..]] {
+            let st = s.load(&k).unwrap();
+            assert!(s.store(&k, state, st.version).unwrap());
+            assert_eq!(s.load(&k).unwrap().bytes.as_deref(), Some(state));
+            let widths: Vec<usize> = host
+                .map
+                .borrow()
+                .iter()
+                .filter(|(k, _)| !k.ends_with(":ready"))
+                .map(|(_, v)| v.0.len())
+                .collect();
+            let expected = SLOT_WIDTH.max(HEADER + state.len());
+            assert!(
+                widths.iter().all(|w| *w == SLOT_WIDTH || *w == expected),
+                "{widths:?}"
+            );
+        }
+        // Garbage in a slot reads as vacant, never panics.
+        assert_eq!(decode_slot(&[]), None);
+        assert_eq!(decode_slot(&[1, 2, 3]), None);
+        assert_eq!(decode_slot(&[0xff; 12]), None, "length beyond the value");
     }
 
     #[test]
