@@ -102,6 +102,7 @@ pub fn run(sh: &Shell) -> Result<()> {
     step!("  curl -s -H 'x-api-key: sk_demo_free' http://127.0.0.1:10000/.well-known/ratelimit");
     step!("  curl -s http://127.0.0.1:9901/stats | grep tollgate");
     step!("  curl -s -H 'authorization: Bearer {admin_key}' 'http://{COLLECTOR_ADDR}/v1/usage?org=demo'");
+    step!("  curl -s -H 'authorization: Bearer {admin_key}' 'http://{COLLECTOR_ADDR}/v1/reports/overview?org=demo&days=1'");
     services.wait_any()
 }
 
