@@ -76,6 +76,81 @@ pub fn is_error(status: u16) -> bool {
     status >= 500
 }
 
+/// Which projection of an event a rollup row aggregates. Every event is folded into each cube;
+/// a cube keeps some dimensions and leaves the others empty ('' or 0), so its rows are few and a
+/// report reads the narrowest cube that holds what it groups and filters by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cube {
+    /// Every dimension: org, user, route, method, status class, decision, rule.
+    Full,
+    /// By endpoint: org, route, method, status class, decision, rule.
+    Endpoint,
+    /// By caller: org, user, decision, rule.
+    User,
+    /// By org: org, status class, decision.
+    Org,
+    /// By route: org, route, method — with the latency sketch, for endpoint percentiles.
+    Route,
+}
+
+impl Cube {
+    /// Every cube, each event folds into all of them.
+    pub const ALL: [Cube; 5] = [
+        Cube::Full,
+        Cube::Endpoint,
+        Cube::User,
+        Cube::Org,
+        Cube::Route,
+    ];
+
+    /// As stored.
+    pub fn code(self) -> i16 {
+        match self {
+            Cube::Full => 0,
+            Cube::Endpoint => 1,
+            Cube::User => 2,
+            Cube::Org => 3,
+            Cube::Route => 4,
+        }
+    }
+
+    /// Whether its rows keep a latency sketch (the others store none: nothing reads it, and
+    /// merging sketches is most of a fold's work).
+    pub fn keeps_sketch(self) -> bool {
+        matches!(self, Cube::Full | Cube::Org | Cube::Route)
+    }
+
+    /// The full key projected onto this cube: the dimensions it drops emptied.
+    fn project(self, mut key: RollupKey) -> RollupKey {
+        let (user, endpoint, status, decision_rule) = match self {
+            Cube::Full => (true, true, true, true),
+            Cube::Endpoint => (false, true, true, true),
+            Cube::User => (true, false, false, true),
+            Cube::Org => (false, false, true, false),
+            Cube::Route => (false, true, false, false),
+        };
+        if !user {
+            key.user.clear();
+        }
+        if !endpoint {
+            key.route.clear();
+            key.method.clear();
+        }
+        if !status {
+            key.status_class = 0;
+        }
+        if !decision_rule {
+            // The org cube keeps the decision (served versus denied) but not the rule.
+            if self != Cube::Org {
+                key.decision.clear();
+            }
+            key.rule.clear();
+        }
+        key.cube = self;
+        key
+    }
+}
+
 /// One rollup row's key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RollupKey {
@@ -97,6 +172,8 @@ pub struct RollupKey {
     pub decision: String,
     /// The rule that decided the events ('' when none): what the limits report groups by.
     pub rule: String,
+    /// The projection this row aggregates.
+    pub cube: Cube,
 }
 
 impl RollupKey {
@@ -124,6 +201,11 @@ impl RollupKey {
         if !self.rule.is_empty() {
             h.update(&(self.rule.len() as u64).to_le_bytes());
             h.update(self.rule.as_bytes());
+        }
+        // Likewise the cube: full rows hash as they did before there were cubes.
+        if self.cube != Cube::Full {
+            h.update(b"cube");
+            h.update(&self.cube.code().to_le_bytes());
         }
         h.digest() as i64
     }
@@ -305,8 +387,11 @@ pub fn aggregate<'a>(
                 status_class: (e.status / 100) as i16,
                 decision: e.decision.clone(),
                 rule: e.rule.clone(),
+                cube: Cube::Full,
             };
-            map.entry(key).or_default().record(e);
+            for cube in Cube::ALL {
+                map.entry(cube.project(key.clone())).or_default().record(e);
+            }
         }
     }
     let mut out: Vec<_> = map
@@ -354,6 +439,7 @@ mod tests {
             status_class: 4,
             decision: "limited".into(),
             rule: rule.into(),
+            cube: Cube::Full,
         }
     }
 
@@ -429,7 +515,8 @@ mod tests {
         .map(Sample::of)
         .collect();
         assert_eq!(samples[0].rule, "per-user");
-        let deltas = aggregate(&samples);
+        let all = aggregate(&samples);
+        let deltas: Vec<_> = all.iter().filter(|d| d.0.cube == Cube::Full).collect();
         // Four distinct (decision, rule) pairs, each in a minute, an hour and a day bucket.
         assert_eq!(deltas.len(), 4 * Granularity::ALL.len());
         for g in Granularity::ALL {
@@ -447,9 +534,54 @@ mod tests {
             assert_eq!(calls("shadow_limited", "per-org"), [1], "{g:?}");
             assert_eq!(calls("allowed", ""), [1], "{g:?}");
         }
-        for (k, h, _) in &deltas {
+        for (k, h, _) in &all {
             assert_eq!(*h, k.hash());
         }
+    }
+
+    #[test]
+    fn every_cube_adds_up_to_the_same_events_and_keeps_only_its_dimensions() {
+        let samples: Vec<Sample> = [
+            event(Verdict::Limited, Some("per-user")),
+            event(Verdict::Allowed, None),
+            event(Verdict::ShadowLimited, Some("per-org")),
+        ]
+        .iter()
+        .map(Sample::of)
+        .collect();
+        let deltas = aggregate(&samples);
+        for cube in Cube::ALL {
+            for g in Granularity::ALL {
+                let rows: Vec<_> = deltas
+                    .iter()
+                    .filter(|(k, _, _)| k.cube == cube && k.granularity == g)
+                    .collect();
+                let calls: i64 = rows.iter().map(|(_, _, v)| v.calls).sum();
+                assert_eq!(calls, 3, "{cube:?} {g:?}");
+                for (k, _, _) in &rows {
+                    let has_user = !k.user.is_empty();
+                    let has_route = !k.route.is_empty();
+                    let has_rule = rows.iter().any(|(k, _, _)| !k.rule.is_empty());
+                    match cube {
+                        Cube::Full => assert!(has_user && has_route && has_rule),
+                        Cube::Endpoint => assert!(!has_user && has_route && has_rule),
+                        Cube::User => assert!(has_user && !has_route && has_rule),
+                        Cube::Org => assert!(!has_user && !has_route && !has_rule),
+                        Cube::Route => assert!(!has_user && has_route && k.decision.is_empty()),
+                    }
+                }
+            }
+        }
+        // The cubes are distinct rows, and a full row keeps its pre-cube hash.
+        let mut hashes: Vec<i64> = deltas.iter().map(|d| d.1).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        assert_eq!(hashes.len(), deltas.len());
+        let full = deltas
+            .iter()
+            .find(|d| d.0.cube == Cube::Full && d.0.rule.is_empty())
+            .unwrap();
+        assert_eq!(full.1, hash_before_rules(&full.0));
     }
 
     #[test]

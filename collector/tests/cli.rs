@@ -124,8 +124,8 @@ async fn report_overview_in_every_format() {
             lines,
             [
                 "route,calls,errors,error_rate,cost,cost_per_call,unique_users",
-                "/v1/items/{id},5,1,0.2000,5,1.0000,1",
-                "/v1/search,3,0,0.0000,3,1.0000,1",
+                "/v1/items/{id},5,1,0.2000,5,1.0000,",
+                "/v1/search,3,0,0.0000,3,1.0000,",
             ],
             "{csv}"
         );

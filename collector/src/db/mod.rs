@@ -338,7 +338,7 @@ impl Storage {
             "SELECT bucket, user_id, route, method, CAST(status_class AS BIGINT), decision, \
              rule, calls, errors, cost, request_bytes, response_bytes, latency_sketch \
              FROM rollups \
-             WHERE org = $1 AND granularity = $2 AND bucket >= $3 AND bucket < $4",
+             WHERE org = $1 AND cube = 0 AND granularity = $2 AND bucket >= $3 AND bucket < $4",
         )
         .bind(org)
         .bind(granularity.code())

@@ -274,11 +274,12 @@ impl PgStore {
             sqlx::query(
                 "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
                  status_class, decision, rule, calls, errors, cost, request_bytes, \
-                 response_bytes, latency_sketch) \
-                 SELECT t.org, t.h, t.g, t.b, t.u, t.r, t.m, t.s, t.d, t.rl, 0, 0, 0, 0, 0, NULL \
+                 response_bytes, latency_sketch, cube) \
+                 SELECT t.org, t.h, t.g, t.b, t.u, t.r, t.m, t.s, t.d, t.rl, 0, 0, 0, 0, 0, NULL, \
+                 t.c \
                  FROM UNNEST($1::text[], $2::int8[], $3::int2[], $4::int8[], $5::text[], \
-                 $6::text[], $7::text[], $8::int2[], $9::text[], $10::text[]) \
-                 AS t(org, h, g, b, u, r, m, s, d, rl) \
+                 $6::text[], $7::text[], $8::int2[], $9::text[], $10::text[], $11::int2[]) \
+                 AS t(org, h, g, b, u, r, m, s, d, rl, c) \
                  ON CONFLICT (org, key_hash) DO NOTHING",
             )
             .bind(&orgs)
@@ -311,6 +312,7 @@ impl PgStore {
                     .collect::<Vec<_>>(),
             )
             .bind(deltas.iter().map(|d| d.0.rule.as_str()).collect::<Vec<_>>())
+            .bind(deltas.iter().map(|d| d.0.cube.code()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
             // 2. Lock them in (org, key_hash) order and read their sketches.
@@ -327,13 +329,16 @@ impl PgStore {
             let stored: std::collections::HashMap<(String, i64), Option<Vec<u8>>> =
                 stored.into_iter().map(|(o, h, s)| ((o, h), s)).collect();
             // 3. Merge and write back.
-            let sketches: Vec<Vec<u8>> = deltas
+            let sketches: Vec<Option<Vec<u8>>> = deltas
                 .iter()
                 .map(|(k, h, v)| {
+                    if !k.cube.keeps_sketch() {
+                        return None;
+                    }
                     let mut s =
                         decode_sketch(stored.get(&(k.org.clone(), *h)).and_then(|s| s.as_deref()));
                     merge_sketch(&mut s, &v.sketch);
-                    encode_sketch(&s)
+                    Some(encode_sketch(&s))
                 })
                 .collect();
             sqlx::query(

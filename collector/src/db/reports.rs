@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use sqlx::Row;
 
 use super::{DbError, PgStore, Storage};
-use crate::rollup::{decode_sketch, merge_sketch, new_sketch, Granularity};
+use crate::rollup::{decode_sketch, merge_sketch, new_sketch, Cube, Granularity};
 
 /// A rollup column (or an expression over one) a report groups by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -165,6 +165,9 @@ pub struct Aggregate<'a> {
     pub served_only: bool,
     /// Sort groups by this measure, largest first, and keep the first `limit`.
     pub top: Option<(Measure, u32)>,
+    /// Count distinct users per group ([`Totals::users`]; 0 otherwise). It needs the user
+    /// dimension, so it can make the query read a larger cube.
+    pub count_users: bool,
 }
 
 /// A summed counter a report can sort by.
@@ -192,14 +195,59 @@ pub struct Totals {
     pub request_bytes: i64,
     /// Response body bytes.
     pub response_bytes: i64,
-    /// Distinct non-empty users (exact: rollups keep the user).
+    /// Distinct non-empty users (exact: rollups keep the user), when counted.
     pub users: i64,
 }
 
 impl Aggregate<'_> {
+    /// The narrowest cube holding every dimension this query groups or filters by (with a
+    /// latency sketch, when `sketch`).
+    fn cube(&self, sketch: bool) -> Cube {
+        let mut need: Vec<Column> = self.group.to_vec();
+        // Sketch queries never count users.
+        if self.with_user || (self.count_users && !sketch) {
+            need.push(Column::User);
+        }
+        if self.not_allowed || self.served_only {
+            need.push(Column::Decision);
+        }
+        let fits = |keeps: &[Column]| {
+            need.iter().all(|c| {
+                matches!(
+                    c,
+                    Column::Org
+                        | Column::Bucket
+                        | Column::HourOfDay
+                        | Column::Weekday
+                        | Column::Day
+                ) || keeps.contains(c)
+            })
+        };
+        let candidates: [(Cube, &[Column]); 4] = [
+            (Cube::Org, &[Column::StatusClass, Column::Decision]),
+            (Cube::Route, &[Column::Route, Column::Method]),
+            (
+                Cube::Endpoint,
+                &[
+                    Column::Route,
+                    Column::Method,
+                    Column::StatusClass,
+                    Column::Decision,
+                    Column::Rule,
+                ],
+            ),
+            (Cube::User, &[Column::User, Column::Decision, Column::Rule]),
+        ];
+        candidates
+            .into_iter()
+            .find(|(cube, keeps)| (!sketch || cube.keeps_sketch()) && fits(keeps))
+            .map_or(Cube::Full, |(cube, _)| cube)
+    }
+
     /// `WHERE …` and the values to bind, in order.
-    fn filter(&self) -> (String, Vec<i64>) {
-        let mut sql = String::from(" WHERE ");
+    fn filter(&self, sketch: bool) -> (String, Vec<i64>) {
+        // The cube code is one of ours, not input: it goes into the text.
+        let mut sql = format!(" WHERE cube = {} AND ", self.cube(sketch).code());
         let mut n = 0;
         if self.org.is_some() {
             n += 1;
@@ -291,15 +339,20 @@ macro_rules! read_key {
 impl Storage {
     /// Summed counters per group, largest first when `top` is set.
     pub async fn aggregate(&self, agg: &Aggregate<'_>) -> Result<Vec<Totals>, DbError> {
-        let (filter, binds) = agg.filter();
+        let (filter, binds) = agg.filter(false);
         let group = agg.group_sql();
         let select_group = agg.select_group();
+        let users = if agg.count_users {
+            "COUNT(DISTINCT NULLIF(user_id, ''))"
+        } else {
+            "0"
+        };
         let mut sql = format!(
             "SELECT {select_group}CAST(COALESCE(SUM(calls), 0) AS BIGINT), \
              CAST(COALESCE(SUM(errors), 0) AS BIGINT), CAST(COALESCE(SUM(cost), 0) AS BIGINT), \
              CAST(COALESCE(SUM(request_bytes), 0) AS BIGINT), \
              CAST(COALESCE(SUM(response_bytes), 0) AS BIGINT), \
-             CAST(COUNT(DISTINCT NULLIF(user_id, '')) AS BIGINT) FROM rollups{filter}"
+             CAST({users} AS BIGINT) FROM rollups{filter}"
         );
         if !group.is_empty() {
             sql.push_str(&format!(" GROUP BY {group}"));
@@ -348,7 +401,7 @@ impl Storage {
         &self,
         agg: &Aggregate<'_>,
     ) -> Result<HashMap<Vec<Value>, Histogram<u64>>, DbError> {
-        let (filter, binds) = agg.filter();
+        let (filter, binds) = agg.filter(true);
         let sql = format!(
             "SELECT {}latency_sketch FROM rollups{filter}",
             agg.select_group()
@@ -421,6 +474,44 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn reads_the_narrowest_cube_that_holds_the_query() {
+        let q = |group: &'static [Column]| Aggregate {
+            group,
+            ..Aggregate::default()
+        };
+        assert_eq!(q(&[]).cube(false), Cube::Org);
+        assert_eq!(
+            q(&[Column::Bucket, Column::StatusClass]).cube(false),
+            Cube::Org
+        );
+        assert_eq!(q(&[Column::Method, Column::Route]).cube(true), Cube::Route);
+        assert_eq!(
+            q(&[Column::Rule, Column::Decision]).cube(false),
+            Cube::Endpoint
+        );
+        assert_eq!(q(&[Column::Org, Column::User]).cube(false), Cube::User);
+        assert_eq!(q(&[Column::User, Column::Route]).cube(false), Cube::Full);
+        // Counting users needs the user; filtering served requests needs the decision.
+        let users = Aggregate {
+            count_users: true,
+            ..q(&[])
+        };
+        assert_eq!(users.cube(false), Cube::User);
+        assert_eq!(
+            users.cube(true),
+            Cube::Org,
+            "sketch queries never count users"
+        );
+        let served_routes = Aggregate {
+            served_only: true,
+            ..q(&[Column::Route])
+        };
+        assert_eq!(served_routes.cube(false), Cube::Endpoint);
+        // Sketches only where they are kept.
+        assert_eq!(q(&[Column::Rule]).cube(true), Cube::Full);
     }
 
     #[test]
@@ -584,7 +675,7 @@ impl Storage {
             (ExportSource::Rollups(g), _) => format!(
                 "SELECT CAST(bucket AS BIGINT), org, user_id, route, method, \
                  CAST(status_class AS BIGINT), decision, calls, errors, cost, request_bytes, \
-                 response_bytes FROM rollups WHERE {org_filter}granularity = {} \
+                 response_bytes FROM rollups WHERE {org_filter}cube = 0 AND granularity = {} \
                  AND bucket >= $1 AND bucket < $2 ORDER BY bucket, org, key_hash",
                 g.code()
             ),

@@ -136,6 +136,11 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
     let samples: Vec<Sample> = rows.into_iter().map(|r| r.sample).collect();
     let mut writes = Vec::new();
     for (key, hash, delta) in rollup::aggregate(&samples) {
+        if !key.cube.keeps_sketch() {
+            // Counters only: an upsert below, nothing to read first.
+            writes.push((key, hash, delta, None, None));
+            continue;
+        }
         let existing: Option<(Option<Vec<u8>>,)> =
             sqlx::query_as("SELECT latency_sketch FROM rollups WHERE org = $1 AND key_hash = $2")
                 .bind(&key.org)
@@ -146,17 +151,17 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
             Some((stored,)) => {
                 let mut sketch = decode_sketch(stored.as_deref());
                 merge_sketch(&mut sketch, &delta.sketch);
-                encode_sketch(&sketch)
+                Some(encode_sketch(&sketch))
             }
-            None => encode_sketch(&delta.sketch),
+            None => Some(encode_sketch(&delta.sketch)),
         };
-        writes.push((key, hash, delta, sketch, existing.is_some()));
+        writes.push((key, hash, delta, sketch, Some(existing.is_some())));
     }
     drop(conn);
 
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     for (key, hash, delta, sketch, exists) in &writes {
-        if *exists {
+        if *exists == Some(true) {
             sqlx::query(
                 "UPDATE rollups SET calls = calls + $1, errors = errors + $2, \
                  cost = cost + $3, request_bytes = request_bytes + $4, \
@@ -168,7 +173,7 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
             .bind(delta.cost)
             .bind(delta.request_bytes)
             .bind(delta.response_bytes)
-            .bind(sketch.as_slice())
+            .bind(sketch.as_deref())
             .bind(&key.org)
             .bind(hash)
             .execute(&mut *tx)
@@ -177,9 +182,13 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
             sqlx::query(
                 "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, \
                  method, status_class, decision, rule, calls, errors, cost, request_bytes, \
-                 response_bytes, latency_sketch) \
+                 response_bytes, latency_sketch, cube) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-                 $16)",
+                 $16, $17) \
+                 ON CONFLICT (org, key_hash) DO UPDATE SET calls = calls + excluded.calls, \
+                 errors = errors + excluded.errors, cost = cost + excluded.cost, \
+                 request_bytes = request_bytes + excluded.request_bytes, \
+                 response_bytes = response_bytes + excluded.response_bytes",
             )
             .bind(&key.org)
             .bind(hash)
@@ -196,7 +205,8 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
             .bind(delta.cost)
             .bind(delta.request_bytes)
             .bind(delta.response_bytes)
-            .bind(sketch.as_slice())
+            .bind(sketch.as_deref())
+            .bind(key.cube.code())
             .execute(&mut *tx)
             .await?;
         }

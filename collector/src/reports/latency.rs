@@ -125,7 +125,7 @@ pub async fn endpoints(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Endpoints,
             .map(|t| EndpointRow {
                 method: t.key[0].text(),
                 route: t.key[1].text(),
-                usage: t.into(),
+                usage: Usage::of(t, false),
                 latency: Latency::of(sketches.get(&t.key).unwrap_or(&empty)),
             })
             .collect(),

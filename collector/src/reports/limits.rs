@@ -89,7 +89,13 @@ pub async fn limits(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Limits, Repor
         .storage
         .aggregate(&agg(&[Column::Rule, Column::Decision]))
         .await?;
-    let users = ctx.storage.aggregate(&agg(&[Column::Rule])).await?;
+    let users = ctx
+        .storage
+        .aggregate(&Aggregate {
+            count_users: true,
+            ..agg(&[Column::Rule])
+        })
+        .await?;
     let mut rules: BTreeMap<String, RuleHits> = BTreeMap::new();
     for t in &by_decision {
         let rule = t.key[0].text();

@@ -84,12 +84,19 @@ pub struct Usage {
     pub cost: i64,
     /// `cost / calls` (0 when there were no calls).
     pub cost_per_call: f64,
-    /// Distinct users (exact: rollups keep the user).
-    pub unique_users: i64,
+    /// Distinct users (exact: rollups keep the user). Counted where the rollups' by-user cube
+    /// answers it — totals, and groups of org, user, decision — and absent for groups by
+    /// route, method or status class, whose exact count would mean reading a row per user and
+    /// route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_users: Option<i64>,
 }
 
-impl From<&Totals> for Usage {
-    fn from(t: &Totals) -> Self {
+impl Usage {
+    /// The counters of `t`; its user count when `users_counted` (see [`Aggregate::count_users`]).
+    ///
+    /// [`Aggregate::count_users`]: crate::db::reports::Aggregate::count_users
+    pub fn of(t: &Totals, users_counted: bool) -> Self {
         let ratio = |n: i64| {
             if t.calls == 0 {
                 0.0
@@ -103,12 +110,10 @@ impl From<&Totals> for Usage {
             error_rate: ratio(t.errors),
             cost: t.cost,
             cost_per_call: ratio(t.cost),
-            unique_users: t.users,
+            unique_users: users_counted.then_some(t.users),
         }
     }
-}
 
-impl Usage {
     /// The columns [`Usage::cells`] fills.
     pub const COLUMNS: [&'static str; 6] = [
         "calls",
@@ -127,7 +132,7 @@ impl Usage {
             Cell::Float(self.error_rate),
             Cell::Int(self.cost),
             Cell::Float(self.cost_per_call),
-            Cell::Int(self.unique_users),
+            self.unique_users.map_or(Cell::Empty, Cell::Int),
         ]
     }
 }
@@ -208,5 +213,23 @@ pub async fn run_named(
         "quotas" => quotas(ctx, q).await.map(rendered),
         "billing" => billing(ctx, q).await.map(rendered),
         _ => return None,
+    })
+}
+
+/// Whether distinct users are counted for groups of `columns`: when the by-user cube (org, user,
+/// decision, rule) holds every one of them, so counting reads one row per user and bucket.
+pub fn users_countable(columns: &[Column]) -> bool {
+    columns.iter().all(|c| {
+        matches!(
+            c,
+            Column::Org
+                | Column::User
+                | Column::Decision
+                | Column::Rule
+                | Column::Bucket
+                | Column::Day
+                | Column::HourOfDay
+                | Column::Weekday
+        )
     })
 }

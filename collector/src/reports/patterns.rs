@@ -253,6 +253,7 @@ pub async fn realtime(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Realtime, R
         let agg = Aggregate {
             org: ctx.org,
             segments: &segments,
+            count_users: true,
             ..Aggregate::default()
         };
         let totals = ctx.storage.aggregate(&agg).await?;

@@ -6,7 +6,8 @@ use chrono::{DateTime, Utc};
 
 use super::params::{series_range, to_time};
 use super::{
-    column_name, dimensions, Cell, ReportCtx, ReportError, ReportQuery, Table, Tabular, Usage,
+    column_name, dimensions, users_countable, Cell, ReportCtx, ReportError, ReportQuery, Table,
+    Tabular, Usage,
 };
 use crate::db::reports::{Aggregate, Column, Measure, Segment, Value};
 
@@ -79,9 +80,11 @@ pub async fn overview(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Overview, R
             org: ctx.org,
             segments: &segments,
             group: &[],
+            count_users: true,
             ..Aggregate::default()
         })
         .await?;
+    let count_users = users_countable(&group);
     let rows = ctx
         .storage
         .aggregate(&Aggregate {
@@ -89,6 +92,7 @@ pub async fn overview(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Overview, R
             segments: &segments,
             group: &group,
             top: Some((Measure::Calls, limit)),
+            count_users,
             ..Aggregate::default()
         })
         .await?;
@@ -96,13 +100,16 @@ pub async fn overview(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Overview, R
         org: ctx.org.map(str::to_owned),
         from: range.from_time(),
         to: range.to_time(),
-        totals: totals.first().map(Usage::from).unwrap_or_default(),
+        totals: totals
+            .first()
+            .map(|t| Usage::of(t, true))
+            .unwrap_or_default(),
         group_by: group.iter().map(|c| column_name(*c).to_owned()).collect(),
         rows: rows
             .iter()
             .map(|t| UsageRow {
                 dimensions: dimensions(&group, &t.key),
-                usage: t.into(),
+                usage: Usage::of(t, count_users),
             })
             .collect(),
     })
@@ -115,7 +122,8 @@ pub struct TimeseriesRow {
     pub bucket: DateTime<Utc>,
     /// The series' value of each `group_by` dimension.
     pub dimensions: BTreeMap<String, String>,
-    /// Its counters (`unique_users` within the bucket).
+    /// Its counters (without unique users: per bucket they would mean a row per user and
+    /// bucket; the `overview` of a range has them).
     #[serde(flatten)]
     pub usage: Usage,
 }
@@ -212,7 +220,7 @@ pub async fn timeseries(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Timeserie
             .map(|t| TimeseriesRow {
                 bucket: to_time(t.key[0].int()),
                 dimensions: dimensions(&group, &t.key[1..]),
-                usage: t.into(),
+                usage: Usage::of(t, false),
             })
             .collect(),
     })
@@ -312,6 +320,7 @@ pub async fn top(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Top, ReportError
             // Requests without a user are not a user.
             with_user: dimension == "users",
             top: Some((measure, limit)),
+            count_users: dimension == "orgs",
             ..Aggregate::default()
         })
         .await?;
@@ -327,7 +336,7 @@ pub async fn top(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Top, ReportError
             .map(|(i, t)| TopRow {
                 rank: i + 1,
                 dimensions: dimensions(group, &t.key),
-                usage: t.into(),
+                usage: Usage::of(t, dimension == "orgs"),
             })
             .collect(),
     })
