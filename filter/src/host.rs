@@ -43,8 +43,12 @@ pub fn log(level: LogLevel, message: &str) {
 
 /// The host clock (0 if the host cannot say).
 pub fn now() -> Timestamp {
-    let nanos = hostcalls::get_current_time()
-        .ok()
+    timestamp(system_now())
+}
+
+/// A host time as a [`Timestamp`] (the epoch when the host gave none).
+pub fn timestamp(time: Option<SystemTime>) -> Timestamp {
+    let nanos = time
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     Timestamp::from_nanos(nanos)

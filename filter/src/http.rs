@@ -86,7 +86,8 @@ impl Request {
             .as_deref()
             .and_then(host::request_header)
             .and_then(|ms| ms.trim().parse::<u64>().ok())
-            .map_or_else(host::now, Timestamp::from_millis);
+            // The request's start time is the decision's clock: one host call, not two.
+            .map_or_else(|| host::timestamp(self.started), Timestamp::from_millis);
 
         let client_ip = host::property_string(&["source", "address"]).map(|a| strip_port(&a));
         let (sub, org, plan) = {
