@@ -30,7 +30,7 @@
 //!   asked; Tollgate's `decide` lines likewise return only the verdict. The `_with_headers` and
 //!   byte lines compute the whole `Outcome` and keep it alive with `black_box`.
 //! - Memory per key: governor keeps 8 bytes (an `AtomicU64`) beside the key; Tollgate's
-//!   `GcraState` is 16 bytes, `TokenBucketState` 32 (both `u128`-based, for exact arithmetic);
+//!   `GcraState` is 16 bytes, `TokenBucketState` 24 (both `u128`-based, for exact arithmetic);
 //!   the byte path keeps a 24-byte `Vec` header plus a heap allocation per key.
 //!
 //! Before measuring, every line is primed until its keys are in steady state, then the share of
