@@ -21,12 +21,12 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use tollgate_benches::pg;
 use tollgate_collector::auth::Role;
 use tollgate_collector::cli::build_state;
 use tollgate_collector::{app, Limits, Storage};
@@ -391,47 +391,19 @@ struct Pg {
 
 impl Pg {
     fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
-        let path = self.bin.join(program);
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&path);
-            c
-        } else {
-            Command::new(&path)
-        };
-        cmd.args(args)
-            .current_dir(&self.dir)
+        pg::command(&self.bin, &self.dir, self.as_postgres, program)
+            .args(args)
             .output()
             .expect("run a PostgreSQL binary")
     }
 
     fn start() -> Self {
-        let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL server binaries (/usr/lib/postgresql/*/bin): install `postgresql`")
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("bin"))
-            .filter(|p| p.join("initdb").exists())
-            .collect();
-        bins.sort();
-        let bin = bins.pop().expect("no /usr/lib/postgresql/*/bin/initdb");
+        let bin = pg::bin_dir();
         let dir = std::env::temp_dir().join(format!("tollgate-bench-pg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let as_postgres = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        if as_postgres {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .expect("chown");
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let as_postgres = pg::as_postgres();
+        pg::own(&dir, as_postgres);
+        let port = pg::free_port();
         let pg = Self {
             dir: dir.clone(),
             bin,
@@ -467,7 +439,7 @@ impl Pg {
     }
 
     fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        pg::url(self.port)
     }
 }
 

@@ -27,11 +27,11 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
+use tollgate_benches::pg;
 use tollgate_collector::auth::Role;
 use tollgate_collector::cli::build_state;
 use tollgate_collector::db::OrgRecord;
@@ -936,7 +936,7 @@ static WATCHDOG_STARTED: AtomicBool = AtomicBool::new(false);
 fn stop_pg_now() {
     let pg = PG_TO_STOP.lock().ok().and_then(|mut g| g.take());
     if let Some((bin, data, as_postgres)) = pg {
-        let _ = pg_command(&bin, &data, as_postgres, "pg_ctl")
+        let _ = pg::command(&bin, &data, as_postgres, "pg_ctl")
             .args(["-D".as_ref(), data.as_os_str()])
             .args(["-m", "immediate", "-w", "stop"])
             .output();
@@ -984,19 +984,6 @@ fn start_watchdog() {
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL, in a data directory kept between runs.
 
-fn pg_command(bin: &Path, dir: &Path, as_postgres: bool, program: &str) -> Command {
-    let path = bin.join(program);
-    let mut cmd = if as_postgres {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(&path);
-        c
-    } else {
-        Command::new(&path)
-    };
-    cmd.current_dir(dir);
-    cmd
-}
-
 /// A PostgreSQL server over `dir/data`, with production durability, stopped on drop (the data
 /// directory stays: it is the cache).
 struct Pg {
@@ -1008,21 +995,10 @@ struct Pg {
 
 impl Pg {
     fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
-        pg_command(&self.bin, &self.dir, self.as_postgres, program)
+        pg::command(&self.bin, &self.dir, self.as_postgres, program)
             .args(args)
             .output()
             .expect("run a PostgreSQL binary")
-    }
-
-    fn bin() -> PathBuf {
-        let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL server binaries (/usr/lib/postgresql/*/bin): install `postgresql`")
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("bin"))
-            .filter(|p| p.join("initdb").exists())
-            .collect();
-        bins.sort();
-        bins.pop().expect("no /usr/lib/postgresql/*/bin/initdb")
     }
 
     /// The server's major version, as `PG_VERSION` in a data directory holds it.
@@ -1035,28 +1011,15 @@ impl Pg {
 
     /// Starts over `dir/data`: the existing cluster when `reuse`, else a fresh one.
     fn start(dir: &Path, reuse: bool) -> Self {
-        let bin = Self::bin();
-        let as_postgres = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
+        let bin = pg::bin_dir();
+        let as_postgres = pg::as_postgres();
         let data = dir.join("data");
         if !reuse {
             let _ = std::fs::remove_dir_all(dir);
         }
         std::fs::create_dir_all(dir).expect("PostgreSQL dir");
-        if as_postgres {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir)
-                .status()
-                .expect("chown");
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        pg::own(dir, as_postgres);
+        let port = pg::free_port();
         let pg = Self {
             dir: dir.to_owned(),
             bin,
@@ -1098,7 +1061,7 @@ impl Pg {
     }
 
     fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        pg::url(self.port)
     }
 }
 
@@ -1536,7 +1499,7 @@ fn main() {
     let pg_meta = data.join(format!("{stem}-pg.meta"));
     let pg_schema = schema_fingerprint("postgres");
     let pg_version_ok = std::fs::read_to_string(pg_dir.join("data/PG_VERSION"))
-        .map(|v| v.trim() == Pg::major(&Pg::bin()))
+        .map(|v| v.trim() == Pg::major(&pg::bin_dir()))
         .unwrap_or(false);
     let pg_cached = check_cache("postgres", &pg_meta, events, &pg_schema, pg_version_ok);
     let now = Utc::now();
