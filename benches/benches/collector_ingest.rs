@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use tollgate_benches::pg;
+use tollgate_benches::{cluster, pg};
 use tollgate_collector::auth::Role;
 use tollgate_collector::cli::build_state;
 use tollgate_collector::{app, Limits, Storage};
@@ -390,13 +390,6 @@ struct Pg {
 }
 
 impl Pg {
-    fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
-        pg::command(&self.bin, &self.dir, self.as_postgres, program)
-            .args(args)
-            .output()
-            .expect("run a PostgreSQL binary")
-    }
-
     fn start() -> Self {
         let bin = pg::bin_dir();
         let dir = std::env::temp_dir().join(format!("tollgate-bench-pg-{}", std::process::id()));
@@ -410,30 +403,13 @@ impl Pg {
             port,
             as_postgres,
         };
-        let data = dir.join("data").display().to_string();
-        let out = pg.run(
-            "initdb",
-            &["-D", &data, "-A", "trust", "-U", "postgres", "-E", "UTF8"],
-        );
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_buffers=512MB \
-             -c max_wal_size=8GB -c fsync=on -c synchronous_commit=on",
-            dir.display()
-        );
-        let log = dir.join("log").display().to_string();
-        let out = pg.run(
-            "pg_ctl",
-            &["-D", &data, "-o", &opts, "-l", &log, "-w", "start"],
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
+        cluster::initdb(&pg.bin, &pg.dir, as_postgres);
+        cluster::start(
+            &pg.bin,
+            &pg.dir,
+            as_postgres,
+            port,
+            "-c shared_buffers=512MB -c max_wal_size=8GB",
         );
         pg
     }
@@ -445,8 +421,7 @@ impl Pg {
 
 impl Drop for Pg {
     fn drop(&mut self) {
-        let data = self.dir.join("data").display().to_string();
-        let _ = self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+        cluster::stop(&self.bin, &self.dir, self.as_postgres);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

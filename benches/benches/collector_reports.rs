@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
-use tollgate_benches::pg;
+use tollgate_benches::{cluster, pg};
 use tollgate_collector::auth::Role;
 use tollgate_collector::cli::build_state;
 use tollgate_collector::db::OrgRecord;
@@ -994,13 +994,6 @@ struct Pg {
 }
 
 impl Pg {
-    fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
-        pg::command(&self.bin, &self.dir, self.as_postgres, program)
-            .args(args)
-            .output()
-            .expect("run a PostgreSQL binary")
-    }
-
     /// The server's major version, as `PG_VERSION` in a data directory holds it.
     fn major(bin: &Path) -> String {
         bin.parent()
@@ -1026,36 +1019,16 @@ impl Pg {
             port,
             as_postgres,
         };
-        let data_s = data.display().to_string();
         if !reuse {
-            let out = pg.run(
-                "initdb",
-                &["-D", &data_s, "-A", "trust", "-U", "postgres", "-E", "UTF8"],
-            );
-            assert!(
-                out.status.success(),
-                "initdb: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            cluster::initdb(&pg.bin, &pg.dir, as_postgres);
         }
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_buffers=1GB \
-             -c max_wal_size=2GB -c fsync=on -c synchronous_commit=on",
-            dir.display()
-        );
-        let log = dir.join("log").display().to_string();
         *PG_TO_STOP.lock().expect("lock") = Some((pg.bin.clone(), data.clone(), as_postgres));
-        let out = pg.run(
-            "pg_ctl",
-            &[
-                "-D", &data_s, "-o", &opts, "-l", &log, "-w", "-t", "300", "start",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+        cluster::start(
+            &pg.bin,
+            &pg.dir,
+            as_postgres,
+            port,
+            "-c shared_buffers=1GB -c max_wal_size=2GB",
         );
         pg
     }
@@ -1067,11 +1040,7 @@ impl Pg {
 
 impl Drop for Pg {
     fn drop(&mut self) {
-        let data = self.dir.join("data").display().to_string();
-        let _ = self.run(
-            "pg_ctl",
-            &["-D", &data, "-m", "fast", "-w", "-t", "300", "stop"],
-        );
+        cluster::stop(&self.bin, &self.dir, self.as_postgres);
         if let Ok(mut g) = PG_TO_STOP.lock() {
             *g = None;
         }

@@ -66,3 +66,81 @@ pub mod pg {
         format!("postgres://postgres@127.0.0.1:{port}/postgres")
     }
 }
+
+pub mod cluster {
+    //! initdb, start and stop of a cluster in `dir/data` (logs in `dir/log`, socket in `dir`).
+
+    use std::path::Path;
+
+    use super::pg;
+
+    fn run(
+        bin: &Path,
+        dir: &Path,
+        as_postgres: bool,
+        program: &str,
+        args: &[&str],
+    ) -> std::process::Output {
+        pg::command(bin, dir, as_postgres, program)
+            .args(args)
+            .output()
+            .expect("run a PostgreSQL binary")
+    }
+
+    /// A fresh cluster in `dir/data`, trusting local connections.
+    pub fn initdb(bin: &Path, dir: &Path, as_postgres: bool) {
+        let data = dir.join("data").display().to_string();
+        let out = run(
+            bin,
+            dir,
+            as_postgres,
+            "initdb",
+            &["-D", &data, "-A", "trust", "-U", "postgres", "-E", "UTF8"],
+        );
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the cluster on 127.0.0.1:`port` with production durability (`fsync`,
+    /// `synchronous_commit`) and `settings` (`-c name=value …`); panics with its log on failure.
+    pub fn start(bin: &Path, dir: &Path, as_postgres: bool, port: u16, settings: &str) {
+        let data = dir.join("data").display().to_string();
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on \
+             {settings}",
+            dir.display()
+        );
+        let log = dir.join("log");
+        let log_s = log.display().to_string();
+        let out = run(
+            bin,
+            dir,
+            as_postgres,
+            "pg_ctl",
+            &[
+                "-D", &data, "-o", &opts, "-l", &log_s, "-w", "-t", "300", "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Stops the cluster (fast shutdown), ignoring failures: it runs from `Drop`.
+    pub fn stop(bin: &Path, dir: &Path, as_postgres: bool) {
+        let data = dir.join("data").display().to_string();
+        let _ = run(
+            bin,
+            dir,
+            as_postgres,
+            "pg_ctl",
+            &["-D", &data, "-m", "fast", "-w", "-t", "300", "stop"],
+        );
+    }
+}
