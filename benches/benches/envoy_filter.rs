@@ -53,7 +53,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tollgate_e2e::{envoy_binary, eventually, filter_wasm, free_port, http_get, scratch_dir};
+use tollgate_e2e::{
+    envoy_binary, eventually, filter_wasm, free_port, guarded, http_get, listener_bootstrap,
+    scratch_dir, static_cluster,
+};
 
 /// Where `cargo xtask bench` puts the do-nothing filter's wasm.
 const PASSTHROUGH_WASM_VAR: &str = "TOLLGATE_PASSTHROUGH_WASM";
@@ -389,19 +392,6 @@ fn http_filters(tools: &Tools, variant: Variant) -> Vec<Value> {
     filters
 }
 
-fn cluster(name: &str, port: u16) -> Value {
-    json!({
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "0.25s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]
-        }
-    })
-}
-
 fn bootstrap(
     tools: &Tools,
     variant: Variant,
@@ -410,43 +400,18 @@ fn bootstrap(
     upstream_port: u16,
     collector_port: u16,
 ) -> Value {
-    let mut collector = cluster("collector", collector_port);
     // As in envoy/envoy.yaml: health checks, circuit breakers, no Envoy-level retries.
-    collector["health_checks"] = json!([{
-        "timeout": "0.5s", "interval": "5s",
-        "unhealthy_threshold": 2, "healthy_threshold": 1,
-        "http_health_check": {"path": "/healthz"}
-    }]);
-    collector["circuit_breakers"] = json!({"thresholds": [{
-        "max_connections": 4, "max_pending_requests": 8,
-        "max_requests": 8, "max_retries": 0
-    }]});
-    json!({
-        "node": {"id": "bench-envoy", "cluster": "bench"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "main",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "bench",
-                        // The client is the last X-Forwarded-For entry (the bench's clients).
-                        "use_remote_address": false,
-                        "route_config": {"virtual_hosts": [{
-                            "name": "all", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"},
-                                        "route": {"cluster": "upstream", "timeout": "15s"}}]
-                        }]},
-                        "http_filters": http_filters(tools, variant)
-                    }
-                }]}]
-            }],
-            "clusters": [cluster("upstream", upstream_port), collector]
-        }
-    })
+    let collector = guarded(static_cluster("collector", collector_port), "0.5s", "5s", 8);
+    listener_bootstrap(
+        "bench-envoy",
+        port,
+        admin_port,
+        // The client is the last X-Forwarded-For entry (the bench's clients).
+        json!({"stat_prefix": "bench", "use_remote_address": false}),
+        json!({"cluster": "upstream", "timeout": "15s"}),
+        http_filters(tools, variant),
+        vec![static_cluster("upstream", upstream_port), collector],
+    )
 }
 
 /// A running Envoy, killed on drop.

@@ -578,8 +578,9 @@ pub struct Envoy {
     pub log_path: PathBuf,
 }
 
-fn cluster(name: &str, port: u16, health_checked: bool) -> Value {
-    let mut c = json!({
+/// A static cluster of one loopback endpoint.
+pub fn static_cluster(name: &str, port: u16) -> Value {
+    json!({
         "name": name,
         "type": "STATIC",
         "connect_timeout": "0.25s",
@@ -588,21 +589,73 @@ fn cluster(name: &str, port: u16, health_checked: bool) -> Value {
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
                 "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]
         }
-    });
+    })
+}
+
+/// `cluster` guarded as the shipped config guards the collector's: an HTTP health check on
+/// `/healthz` every `interval` (a collector that is down is found out), and circuit breakers
+/// allowing `max_requests` (the filter's calls never pile up behind it), no Envoy retries.
+pub fn guarded(mut cluster: Value, timeout: &str, interval: &str, max_requests: u32) -> Value {
+    cluster["health_checks"] = json!([{
+        "timeout": timeout, "interval": interval,
+        "unhealthy_threshold": 2, "healthy_threshold": 1,
+        "http_health_check": {"path": "/healthz"}
+    }]);
+    cluster["circuit_breakers"] = json!({"thresholds": [{
+        "max_connections": max_requests / 2, "max_pending_requests": max_requests,
+        "max_requests": max_requests, "max_retries": 0
+    }]});
+    cluster
+}
+
+fn cluster(name: &str, port: u16, health_checked: bool) -> Value {
+    let c = static_cluster(name, port);
     if health_checked {
-        // As in the shipped config: a collector that is down is found out by health checks,
-        // and circuit breakers keep the filter's calls from piling up behind it.
-        c["health_checks"] = json!([{
-            "timeout": "0.25s", "interval": "1s",
-            "unhealthy_threshold": 2, "healthy_threshold": 1,
-            "http_health_check": {"path": "/healthz"}
-        }]);
-        c["circuit_breakers"] = json!({"thresholds": [{
-            "max_connections": 8, "max_pending_requests": 16,
-            "max_requests": 16, "max_retries": 0
-        }]});
+        guarded(c, "0.25s", "1s", 16)
+    } else {
+        c
     }
-    c
+}
+
+/// A bootstrap with one HTTP listener on 127.0.0.1:`port` routing everything to the cluster
+/// `upstream` through `http_filters`, the admin on `admin_port`, and `clusters`. `hcm` fields
+/// are merged into the connection manager's config (e.g. `use_remote_address`).
+pub fn listener_bootstrap(
+    node: &str,
+    port: u16,
+    admin_port: u16,
+    hcm: Value,
+    route: Value,
+    http_filters: Vec<Value>,
+    clusters: Vec<Value>,
+) -> Value {
+    let mut manager = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "route_config": {"virtual_hosts": [{
+            "name": "all", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": route}]
+        }]},
+        "http_filters": http_filters
+    });
+    if let (Some(m), Value::Object(extra)) = (manager.as_object_mut(), hcm) {
+        m.extend(extra);
+    }
+    json!({
+        "node": {"id": node, "cluster": node},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "main",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": manager
+                }]}]
+            }],
+            "clusters": clusters
+        }
+    })
 }
 
 /// The bootstrap for `spec`, as JSON (which Envoy reads as YAML).
@@ -624,23 +677,7 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16, wasm: &Path) -> V
     if let Some(p) = spec.policy_port {
         clusters.push(cluster("policy", p, false));
     }
-    json!({
-        "node": {"id": "e2e-envoy", "cluster": "e2e"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "main",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "ingress",
-                        "route_config": {"virtual_hosts": [{
-                            "name": "all", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]
-                        }]},
-                        "http_filters": spec.pre_filters.iter().cloned().chain([
+    let http_filters = spec.pre_filters.iter().cloned().chain([
                             json!({
                                 "name": "envoy.filters.http.wasm",
                                 "typed_config": {
@@ -665,13 +702,16 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16, wasm: &Path) -> V
                                 "name": "envoy.filters.http.router",
                                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
                             })
-                        ]).collect::<Vec<Value>>()
-                    }
-                }]}]
-            }],
-            "clusters": clusters
-        }
-    })
+                        ]).collect::<Vec<Value>>();
+    listener_bootstrap(
+        "e2e-envoy",
+        port,
+        admin_port,
+        json!({}),
+        json!({"cluster": "upstream"}),
+        http_filters,
+        clusters,
+    )
 }
 
 impl Envoy {
