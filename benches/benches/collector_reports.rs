@@ -1328,6 +1328,7 @@ async fn run_engine(
         {
             missing_route = true;
         }
+        report_line(name, line.label, &outcome);
         outcomes.push((line.label.to_owned(), outcome));
     }
     if missing_route {
@@ -1355,6 +1356,7 @@ async fn run_engine(
             let key = admin_key(&storage).await;
             measure(&client, &base, &key, &line).await
         };
+        report_line(name, line.label, &outcome);
         outcomes.push((line.label.to_owned(), outcome));
     }
     server.abort();
@@ -1377,6 +1379,12 @@ async fn admin_key(storage: &Storage) -> String {
         .1
         .reveal()
         .to_owned()
+}
+
+/// A line's figures as soon as it is measured (stderr), so a run stopped part-way still tells.
+fn report_line(engine: &str, label: &str, outcome: &Outcome) {
+    let (p50, p99, n, _) = cell(Some(outcome));
+    eprintln!("[{engine}] {label}: p50 {p50}, p99 {p99}, n {n}");
 }
 
 fn cell(outcome: Option<&Outcome>) -> (String, String, String, Option<bool>) {
