@@ -22,7 +22,9 @@
 //! Run: `cargo bench -p tollgate-benches --bench collector_reports` (needs PostgreSQL's server
 //! binaries under /usr/lib/postgresql/*/bin; as root they run as the `postgres` user).
 //! `TOLLGATE_BENCH_REPORTS_EVENTS=N` loads N events instead (a separate cache);
-//! `TOLLGATE_BENCH_REPORTS_REBUILD=1` reloads even when a cache is usable.
+//! `TOLLGATE_BENCH_REPORTS_REBUILD=1` reloads even when a cache is usable;
+//! `TOLLGATE_BENCH_REPORTS_STAND_IN=1` times the `/v1/usage` stand-in line even when every report
+//! route answers.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -526,7 +528,7 @@ fn bench_data_dir() -> PathBuf {
 }
 
 /// What is remembered beside a loaded database.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct Meta {
     version: u32,
     events: u64,
@@ -538,6 +540,8 @@ struct Meta {
     write_secs: f64,
     fold_secs: f64,
     finish_secs: f64,
+    /// Runs the load took: more than one when a stopped load was resumed (the times are sums).
+    sessions: u32,
 }
 
 impl Meta {
@@ -554,13 +558,14 @@ impl Meta {
             write_secs: get("write_secs")?.parse().ok()?,
             fold_secs: get("fold_secs")?.parse().ok()?,
             finish_secs: get("finish_secs")?.parse().ok()?,
+            sessions: get("sessions").and_then(|v| v.parse().ok()).unwrap_or(1),
         })
     }
 
     fn write(&self, path: &Path) {
         let text = format!(
-            "version={}\nevents={}\nschema={}\nend={}\nload_secs={:.1}\nwrite_secs={:.1}\nfold_secs={:.1}\n\
-             finish_secs={:.1}\n",
+            "version={}\nevents={}\nschema={}\nend={}\nload_secs={:.1}\nwrite_secs={:.1}\n\
+             fold_secs={:.1}\nfinish_secs={:.1}\nsessions={}\n",
             self.version,
             self.events,
             self.schema,
@@ -568,7 +573,8 @@ impl Meta {
             self.load_secs,
             self.write_secs,
             self.fold_secs,
-            self.finish_secs
+            self.finish_secs,
+            self.sessions
         );
         std::fs::write(path, text).expect("write the cache's meta file");
     }
@@ -599,6 +605,24 @@ impl Meta {
         }
         Ok(m.clone())
     }
+
+    /// A stopped load of the same data that can be resumed: same generator, events and
+    /// migrations (its age does not matter: it keeps its own end time).
+    fn resumable(meta: Option<&Meta>, events: u64, schema: &str) -> Option<Meta> {
+        let m = meta?;
+        (m.version == GENERATOR_VERSION
+            && m.events == events
+            && m.schema == schema
+            && std::env::var_os("TOLLGATE_BENCH_REPORTS_REBUILD").is_none())
+        .then(|| m.clone())
+    }
+}
+
+/// Where a load in progress keeps its progress (the meta file's name plus `.partial`).
+fn partial_path(meta_path: &Path) -> PathBuf {
+    let mut p = meta_path.as_os_str().to_owned();
+    p.push(".partial");
+    PathBuf::from(p)
 }
 
 /// A fingerprint (FNV-1a) of the collector's migrations for one engine: names and contents. A
@@ -652,6 +676,12 @@ fn thousands(n: u64) -> String {
 }
 
 /// Writes and folds every event; returns the timings.
+///
+/// `resumed` is the progress of an earlier run of the same load that was stopped: its events are
+/// written again (those already stored come back as duplicates and are not queued twice) and
+/// what they queued and did not fold is folded, so the load picks up where it stopped; the
+/// times are added to that run's.
+#[allow(clippy::too_many_arguments)]
 async fn load(
     name: &str,
     storage: &Storage,
@@ -659,22 +689,60 @@ async fn load(
     events: u64,
     end: DateTime<Utc>,
     schema: &str,
+    resumed: Option<Meta>,
+    partial: &Path,
 ) -> Meta {
     let started = Instant::now();
+    let before = resumed.clone().unwrap_or(Meta {
+        version: GENERATOR_VERSION,
+        events,
+        schema: schema.to_owned(),
+        end: end.timestamp(),
+        load_secs: 0.0,
+        write_secs: 0.0,
+        fold_secs: 0.0,
+        finish_secs: 0.0,
+        sessions: 0,
+    });
+    let progress = |write: Duration, fold: Duration, finish: Duration| Meta {
+        load_secs: before.load_secs + started.elapsed().as_secs_f64(),
+        write_secs: before.write_secs + write.as_secs_f64(),
+        fold_secs: before.fold_secs + fold.as_secs_f64(),
+        finish_secs: before.finish_secs + finish.as_secs_f64(),
+        sessions: before.sessions + 1,
+        ..before.clone()
+    };
+    progress(Duration::ZERO, Duration::ZERO, Duration::ZERO).write(partial);
+    if resumed.is_some() {
+        eprintln!(
+            "[{name}] resuming a stopped load ({:.0} s over {} earlier run(s)): events already \
+             stored come back as duplicates",
+            before.load_secs, before.sessions
+        );
+    }
+    // Whatever a stopped run queued and did not fold.
+    let t = Instant::now();
+    storage.fold_all().await.expect("fold_all");
+    let resume_fold = t.elapsed();
     for org in &workload.orgs {
-        storage
+        let created = storage
             .create_org(&OrgRecord {
                 id: org.id.clone(),
                 name: org.id.clone(),
                 plan: Some(org.plan.into()),
                 created_at: end.timestamp() - DAYS * 86_400,
             })
-            .await
-            .expect("create org");
+            .await;
+        match created {
+            Err(e) if resumed.is_some() && e.is_unique_violation() => {}
+            other => other.expect("create org"),
+        }
     }
     let mut stream = Stream::new(workload, end, events);
-    let (mut write, mut fold, mut generate) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    let (mut written, mut since_fold, mut next_report) = (0u64, 0u64, 1_000_000u64);
+    let (mut write, mut fold, mut generate) = (Duration::ZERO, resume_fold, Duration::ZERO);
+    let report_every = (events / 10).max(100_000);
+    let (mut written, mut since_fold, mut next_report) = (0u64, 0u64, report_every);
+    let mut duplicates = 0u64;
     loop {
         assert!(
             started.elapsed() < LOAD_LIMIT,
@@ -691,10 +759,12 @@ async fn load(
             .await
             .expect("write_events");
         write += t.elapsed();
+        let dups = new.iter().filter(|&&n| !n).count() as u64;
         assert!(
-            new.iter().all(|&n| n),
+            dups == 0 || resumed.is_some(),
             "[{name}] a generated event was a duplicate"
         );
+        duplicates += dups;
         written += batch.len() as u64;
         since_fold += batch.len() as u64;
         drop(batch);
@@ -708,14 +778,16 @@ async fn load(
             }
             fold += t.elapsed();
             since_fold = 0;
+            progress(write, fold, Duration::ZERO).write(partial);
         }
         if written >= next_report || written == events {
-            next_report += 1_000_000;
+            next_report += report_every;
             eprintln!(
-                "[{name}] {} / {} events: write {:.0} s ({}), fold {:.0} s ({}), generate {:.0} s, \
-                 elapsed {:.0} s",
+                "[{name}] {} / {} events ({} already stored): write {:.0} s ({}), fold {:.0} s \
+                 ({}), generate {:.0} s, elapsed {:.0} s",
                 thousands(written),
                 thousands(events),
+                thousands(duplicates),
                 write.as_secs_f64(),
                 rate_text(written, write.as_secs_f64()),
                 fold.as_secs_f64(),
@@ -762,33 +834,29 @@ async fn load(
         }
     }
     let finish = t.elapsed();
-    let total = started.elapsed();
+    let meta = progress(write, fold, finish);
     eprintln!(
-        "[{name}] loaded {} events in {:.0} s ({}): write_events {:.0} s, fold {:.0} s, \
+        "[{name}] loaded {} events in {:.0} s ({}){}: write_events {:.0} s, fold {:.0} s, \
          generate {:.0} s, prune + {} {:.0} s",
         thousands(events),
-        total.as_secs_f64(),
-        rate_text(events, total.as_secs_f64()),
-        write.as_secs_f64(),
-        fold.as_secs_f64(),
+        meta.load_secs,
+        rate_text(events, meta.load_secs),
+        if meta.sessions > 1 {
+            format!(" over {} runs", meta.sessions)
+        } else {
+            String::new()
+        },
+        meta.write_secs,
+        meta.fold_secs,
         generate.as_secs_f64(),
         if matches!(storage, Storage::Sqlite(_)) {
             "checkpoint"
         } else {
             "vacuum/analyze"
         },
-        finish.as_secs_f64()
+        meta.finish_secs
     );
-    Meta {
-        version: GENERATOR_VERSION,
-        events,
-        schema: schema.to_owned(),
-        end: end.timestamp(),
-        load_secs: total.as_secs_f64(),
-        write_secs: write.as_secs_f64(),
-        fold_secs: fold.as_secs_f64(),
-        finish_secs: finish.as_secs_f64(),
-    }
+    meta
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1236,7 +1304,7 @@ impl EngineReport {
 async fn run_engine(
     name: &str,
     url: &str,
-    cached: Option<Meta>,
+    (cached, resumed): (Option<Meta>, Option<Meta>),
     meta_path: &Path,
     workload: &Workload,
     events: u64,
@@ -1261,8 +1329,17 @@ async fn run_engine(
             m
         }
         None => {
-            let m = load(name, &storage, workload, events, end, schema).await;
+            let end = resumed
+                .as_ref()
+                .and_then(|m| DateTime::from_timestamp(m.end, 0))
+                .unwrap_or(end);
+            let partial = partial_path(meta_path);
+            let m = load(
+                name, &storage, workload, events, end, schema, resumed, &partial,
+            )
+            .await;
             m.write(meta_path);
+            let _ = std::fs::remove_file(&partial);
             m
         }
     };
@@ -1331,7 +1408,7 @@ async fn run_engine(
         report_line(name, line.label, &outcome);
         outcomes.push((line.label.to_owned(), outcome));
     }
-    if missing_route {
+    if missing_route || std::env::var_os("TOLLGATE_BENCH_REPORTS_STAND_IN").is_some() {
         let line = stand_in(picks);
         // The stand-in reads through `Storage::rollup_rows`, which decodes every row's sketch
         // before merging: refuse when that would not fit.
@@ -1405,22 +1482,32 @@ fn cell(outcome: Option<&Outcome>) -> (String, String, String, Option<bool>) {
 }
 
 /// Whether a cache can be reused, saying why not.
+/// (a complete load to reuse, a stopped load to resume): at most one is `Some`.
 fn check_cache(
     name: &str,
     meta_path: &Path,
     events: u64,
     schema: &str,
     present: bool,
-) -> Option<Meta> {
-    match Meta::usable(Meta::read(meta_path).as_ref(), events, schema) {
-        Ok(m) if present => Some(m),
-        Ok(_) => {
-            eprintln!("[{name}] will load: the cached database is missing or unusable");
-            None
+) -> (Option<Meta>, Option<Meta>) {
+    let why = match Meta::usable(Meta::read(meta_path).as_ref(), events, schema) {
+        Ok(m) if present => return (Some(m), None),
+        Ok(_) => "the cached database is missing or unusable".to_owned(),
+        Err(why) => why,
+    };
+    let partial = Meta::resumable(
+        Meta::read(&partial_path(meta_path)).as_ref(),
+        events,
+        schema,
+    );
+    match partial {
+        Some(p) if present => {
+            eprintln!("[{name}] will resume the load a stopped run began");
+            (None, Some(p))
         }
-        Err(why) => {
+        _ => {
             eprintln!("[{name}] will load: {why}");
-            None
+            (None, None)
         }
     }
 }
@@ -1480,11 +1567,16 @@ fn main() {
         .unwrap_or(false);
     let pg_cached = check_cache("postgres", &pg_meta, events, &pg_schema, pg_version_ok);
     let now = Utc::now();
-    let end = sqlite_cached
-        .as_ref()
-        .or(pg_cached.as_ref())
-        .and_then(|m| DateTime::from_timestamp(m.end, 0))
-        .unwrap_or_else(|| DateTime::from_timestamp(now.timestamp() / 60 * 60, 0).unwrap_or(now));
+    let end = [
+        &sqlite_cached.0,
+        &pg_cached.0,
+        &sqlite_cached.1,
+        &pg_cached.1,
+    ]
+    .into_iter()
+    .find_map(|m| m.as_ref())
+    .and_then(|m| DateTime::from_timestamp(m.end, 0))
+    .unwrap_or_else(|| DateTime::from_timestamp(now.timestamp() / 60 * 60, 0).unwrap_or(now));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -1492,8 +1584,9 @@ fn main() {
         .expect("runtime");
     runtime.spawn(stop_on_signal());
     let (sqlite, postgres) = runtime.block_on(async {
-        if sqlite_cached.is_none() {
+        if sqlite_cached == (None, None) {
             let _ = std::fs::remove_file(&sqlite_meta);
+            let _ = std::fs::remove_file(partial_path(&sqlite_meta));
             remove_sqlite_files(&sqlite_db);
         }
         let sqlite = run_engine(
@@ -1509,10 +1602,12 @@ fn main() {
         )
         .await;
 
-        if pg_cached.is_none() {
+        let reuse = pg_cached != (None, None);
+        if !reuse {
             let _ = std::fs::remove_file(&pg_meta);
+            let _ = std::fs::remove_file(partial_path(&pg_meta));
         }
-        let pg = Pg::start(&pg_dir, pg_cached.is_some());
+        let pg = Pg::start(&pg_dir, reuse);
         let postgres = run_engine(
             "postgres",
             &pg.url(),
@@ -1553,7 +1648,9 @@ fn print_report(events: u64, picks: &Picks, sqlite: &EngineReport, postgres: &En
             out,
             "{name:<11} load ({}): {:.0} s, {} (write_events {:.0} s = {}; folds {:.0} s = \
              {}; prune and housekeeping {:.0} s)",
-            if r.loaded_now {
+            if r.loaded_now && m.sessions > 1 {
+                format!("this run, resuming {} stopped one(s)", m.sessions - 1)
+            } else if r.loaded_now {
                 "this run".to_owned()
             } else {
                 "cached, built earlier".to_owned()
