@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use tollgate_benches::Rng;
 use tollgate_benches::{cluster, pg};
 use tollgate_collector::auth::Role;
 use tollgate_collector::cli::build_state;
@@ -41,20 +42,6 @@ const OFFERED_EPS: u64 = 100_000;
 const OPEN_SECS: u64 = 8;
 const MAX_IN_FLIGHT: usize = 256;
 const COPY_ROWS: usize = 400_000;
-
-/// A deterministic generator (xorshift64*), so both engines get the same rows.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Events shaped like edge traffic: 8 orgs × 16 users, 8 routes, mostly GET, 200 and allowed.
 fn events(ids: &mut EventIdGenerator, rng: &mut Rng, n: usize) -> Vec<UsageEvent> {

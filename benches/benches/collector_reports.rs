@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
+use tollgate_benches::Rng;
 use tollgate_benches::{cluster, pg};
 use tollgate_collector::auth::Role;
 use tollgate_collector::cli::build_state;
@@ -81,42 +82,6 @@ const STAND_IN_MAX_GIB: f64 = 6.0;
 
 // ---------------------------------------------------------------------------------------------
 // The generator.
-
-/// A deterministic generator (xorshift64*), as in `collector_ingest`.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let u = 1.0 - self.unit();
-        let v = self.unit();
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-    /// Log-normal with this median and shape.
-    fn log_normal(&mut self, median: f64, sigma: f64) -> f64 {
-        median * (sigma * self.normal()).exp()
-    }
-    /// An index drawn from cumulative weights.
-    fn pick(&mut self, cumulative: &[f64]) -> usize {
-        let total = cumulative.last().copied().unwrap_or(0.0);
-        let x = self.unit() * total;
-        cumulative
-            .partition_point(|&c| c <= x)
-            .min(cumulative.len() - 1)
-    }
-}
 
 fn cumulative(weights: impl IntoIterator<Item = f64>) -> Vec<f64> {
     let mut sum = 0.0;
