@@ -1,5 +1,5 @@
-//! Rollups: per-minute, -hour and -day aggregates of events by org, user, route, method,
-//! status class, decision and rule, each with a mergeable latency sketch.
+//! Rollups: per-minute, -hour, -day and -week aggregates of events by org, user, route,
+//! method, status class, decision and rule, each with a mergeable latency sketch.
 //!
 //! The sketch is an HdrHistogram with 2 significant digits: any recorded latency is reported
 //! within 1% of its value, and merging two sketches is exact (bucket counts add), so a report
@@ -31,11 +31,19 @@ pub enum Granularity {
     Hour,
     /// One UTC day.
     Day,
+    /// One ISO week, Monday 00:00 UTC to the next: what long report ranges are read from, so
+    /// a 30-day report reads 4 weeks and a few days per group rather than 30 days.
+    Week,
 }
 
 impl Granularity {
     /// All of them: every event updates one bucket of each.
-    pub const ALL: [Granularity; 3] = [Granularity::Minute, Granularity::Hour, Granularity::Day];
+    pub const ALL: [Granularity; 4] = [
+        Granularity::Minute,
+        Granularity::Hour,
+        Granularity::Day,
+        Granularity::Week,
+    ];
 
     /// Bucket width in seconds.
     pub fn seconds(self) -> i64 {
@@ -43,6 +51,7 @@ impl Granularity {
             Granularity::Minute => 60,
             Granularity::Hour => 3_600,
             Granularity::Day => 86_400,
+            Granularity::Week => WEEK,
         }
     }
 
@@ -52,14 +61,28 @@ impl Granularity {
             Granularity::Minute => 0,
             Granularity::Hour => 1,
             Granularity::Day => 2,
+            Granularity::Week => 3,
         }
     }
 
     /// Start of the bucket holding `ts`.
     pub fn bucket(self, ts: DateTime<Utc>) -> i64 {
-        ts.timestamp().div_euclid(self.seconds()) * self.seconds()
+        self.bucket_of(ts.timestamp())
+    }
+
+    /// Start of the bucket holding `secs` (seconds since the epoch).
+    pub fn bucket_of(self, secs: i64) -> i64 {
+        // Weeks start on Mondays; the epoch was a Thursday.
+        let offset = if self == Granularity::Week { MONDAY } else { 0 };
+        let width = self.seconds();
+        (secs - offset).div_euclid(width) * width + offset
     }
 }
+
+/// A week, in seconds.
+pub const WEEK: i64 = 7 * 86_400;
+/// 1970-01-05T00:00:00Z, the first Monday after the epoch: where week buckets are aligned.
+pub const MONDAY: i64 = 4 * 86_400;
 
 /// The stored name of a verdict.
 pub fn decision_name(v: Verdict) -> &'static str {
@@ -121,7 +144,7 @@ impl Cube {
     }
 
     /// The full key projected onto this cube: the dimensions it drops emptied.
-    fn project(self, mut key: RollupKey) -> RollupKey {
+    fn project(self, mut key: KeyRef<'_>) -> KeyRef<'_> {
         let (user, endpoint, status, decision_rule) = match self {
             Cube::Full => (true, true, true, true),
             Cube::Endpoint => (false, true, true, true),
@@ -130,11 +153,11 @@ impl Cube {
             Cube::Route => (false, true, false, false),
         };
         if !user {
-            key.user.clear();
+            key.user = "";
         }
         if !endpoint {
-            key.route.clear();
-            key.method.clear();
+            key.route = "";
+            key.method = "";
         }
         if !status {
             key.status_class = 0;
@@ -142,12 +165,45 @@ impl Cube {
         if !decision_rule {
             // The org cube keeps the decision (served versus denied) but not the rule.
             if self != Cube::Org {
-                key.decision.clear();
+                key.decision = "";
             }
-            key.rule.clear();
+            key.rule = "";
         }
         key.cube = self;
         key
+    }
+}
+
+/// A rollup key borrowing the event's text: a fold makes ~20 of them per event and most repeat
+/// within the batch, so only the distinct ones become owned [`RollupKey`]s.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct KeyRef<'a> {
+    granularity: Granularity,
+    bucket: i64,
+    org: &'a str,
+    user: &'a str,
+    route: &'a str,
+    method: &'a str,
+    status_class: i16,
+    decision: &'a str,
+    rule: &'a str,
+    cube: Cube,
+}
+
+impl KeyRef<'_> {
+    fn to_owned(self) -> RollupKey {
+        RollupKey {
+            granularity: self.granularity,
+            bucket: self.bucket,
+            org: self.org.to_owned(),
+            user: self.user.to_owned(),
+            route: self.route.to_owned(),
+            method: self.method.to_owned(),
+            status_class: self.status_class,
+            decision: self.decision.to_owned(),
+            rule: self.rule.to_owned(),
+            cube: self.cube,
+        }
     }
 }
 
@@ -368,35 +424,81 @@ impl Sample {
     }
 }
 
-/// Groups samples into rollup deltas, one per key per granularity, ordered by (org, hash) so
-/// that every writer locks rows in the same order.
+/// What one fold adds to one rollup row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// Requests.
+    pub calls: i64,
+    /// 5xx responses.
+    pub errors: i64,
+    /// Cost units.
+    pub cost: i64,
+    /// Request body bytes.
+    pub request_bytes: i64,
+    /// Response body bytes.
+    pub response_bytes: i64,
+    /// The events' latencies (µs), only for rows of a cube that keeps a sketch. A raw list
+    /// rather than a histogram: most rows of a fold get one or two events, and an empty
+    /// histogram is kilobytes to allocate and zero.
+    pub latencies: Vec<u64>,
+}
+
+impl Delta {
+    fn record(&mut self, e: &Sample, latency: bool) {
+        self.calls += 1;
+        self.errors += i64::from(is_error(e.status));
+        self.cost = self.cost.saturating_add(e.cost as i64);
+        self.request_bytes = self.request_bytes.saturating_add(e.request_bytes as i64);
+        self.response_bytes = self.response_bytes.saturating_add(e.response_bytes as i64);
+        if latency {
+            self.latencies.push(e.latency_us);
+        }
+    }
+
+    /// The stored sketch after this delta: `stored` (none for a new row) with the latencies
+    /// added.
+    pub fn sketch_onto(&self, stored: Option<&[u8]>) -> Vec<u8> {
+        let mut sketch = decode_sketch(stored);
+        for &v in &self.latencies {
+            // Auto-resizing: `record` grows the range (`saturating_record` would clamp to it).
+            let _ = sketch.record(v);
+        }
+        encode_sketch(&sketch)
+    }
+}
+
+/// Groups samples into rollup deltas, one per key per granularity per cube, ordered by (org,
+/// hash) so that every writer locks rows in the same order.
 pub fn aggregate<'a>(
     samples: impl IntoIterator<Item = &'a Sample>,
-) -> Vec<(RollupKey, i64, RollupValues)> {
-    let mut map: HashMap<RollupKey, RollupValues> = HashMap::new();
+) -> Vec<(RollupKey, i64, Delta)> {
+    let mut map: HashMap<KeyRef<'a>, Delta, xxhash_rust::xxh3::Xxh3DefaultBuilder> =
+        HashMap::default();
     for e in samples {
         for g in Granularity::ALL {
-            let width = g.seconds();
-            let key = RollupKey {
+            let key = KeyRef {
                 granularity: g,
-                bucket: e.ts.div_euclid(width) * width,
-                org: e.org.clone(),
-                user: e.user.clone(),
-                route: e.route.clone(),
-                method: e.method.clone(),
+                bucket: g.bucket_of(e.ts),
+                org: &e.org,
+                user: &e.user,
+                route: &e.route,
+                method: &e.method,
                 status_class: (e.status / 100) as i16,
-                decision: e.decision.clone(),
-                rule: e.rule.clone(),
+                decision: &e.decision,
+                rule: &e.rule,
                 cube: Cube::Full,
             };
             for cube in Cube::ALL {
-                map.entry(cube.project(key.clone())).or_default().record(e);
+                map.entry(cube.project(key))
+                    .or_default()
+                    .record(e, cube.keeps_sketch());
             }
         }
     }
     let mut out: Vec<_> = map
         .into_iter()
         .map(|(k, v)| {
+            let k = k.to_owned();
             let h = k.hash();
             (k, h, v)
         })
@@ -590,5 +692,42 @@ mod tests {
         assert_eq!(Granularity::Minute.bucket(t), 1_790_000_100);
         assert_eq!(Granularity::Hour.bucket(t), 1_789_999_200);
         assert_eq!(Granularity::Day.bucket(t) % 86_400, 0);
+        // 2026-09-22T13:20:00Z is a Tuesday: its week started Monday 2026-09-21.
+        let week = Granularity::Week.bucket(t);
+        let monday = chrono::NaiveDate::from_ymd_opt(2026, 9, 21).unwrap();
+        assert_eq!(
+            DateTime::from_timestamp(week, 0).unwrap().date_naive(),
+            monday
+        );
+        assert_eq!(week % 86_400, 0);
+        assert_eq!(Granularity::Week.bucket_of(week), week);
+        assert_eq!(Granularity::Week.bucket_of(week - 1), week - WEEK);
+        assert_eq!(Granularity::Week.bucket_of(MONDAY - 1), MONDAY - WEEK);
+    }
+
+    #[test]
+    fn a_delta_adds_its_latencies_to_the_stored_sketch_and_only_where_one_is_kept() {
+        let samples: Vec<Sample> = [event(Verdict::Allowed, None), event(Verdict::Allowed, None)]
+            .iter()
+            .map(Sample::of)
+            .collect();
+        let deltas = aggregate(&samples);
+        for (k, _, d) in &deltas {
+            assert_eq!(d.calls, 2);
+            let expected: &[u64] = if k.cube.keeps_sketch() {
+                &[1_000, 1_000]
+            } else {
+                &[]
+            };
+            assert_eq!(d.latencies, expected, "{k:?}");
+        }
+        let (_, _, d) = deltas.iter().find(|(k, _, _)| k.cube == Cube::Org).unwrap();
+        let mut stored = new_sketch();
+        stored.record(50_000).unwrap();
+        let merged = decode_sketch(Some(&d.sketch_onto(Some(&encode_sketch(&stored)))));
+        assert_eq!(merged.len(), 3);
+        assert!(percentile(&merged, 0.5).abs_diff(1_000) <= 10);
+        assert!(percentile(&merged, 1.0) >= 50_000);
+        assert_eq!(decode_sketch(Some(&d.sketch_onto(None))).len(), 2);
     }
 }

@@ -23,14 +23,15 @@ const ROUTES: [&str; 4] = [
 ];
 const ORGS: [&str; 5] = ["acme", "acme", "acme", "globex", "initech"];
 
-/// 900 events over the last five days (ending three minutes ago), varied in every dimension a
-/// report groups by, deterministic.
+/// 900 events over the last twelve days (ending three minutes ago), varied in every dimension a
+/// report groups by, deterministic. Twelve days, so report ranges hold a whole week and read
+/// week rollups as well as day and hour ones.
 fn fixture(now: DateTime<Utc>) -> Vec<UsageEvent> {
     let mut fx = Fixture::new(42);
     let n = 900i64;
     // Whole microseconds: what both engines store exactly.
     let end = now.duration_trunc(Duration::microseconds(1)).unwrap() - Duration::minutes(3);
-    let span = Duration::days(5).num_seconds();
+    let span = Duration::days(12).num_seconds();
     (0..n)
         .map(|i| {
             let at = end - Duration::seconds(span * (n - i) / n);
@@ -111,7 +112,7 @@ async fn loaded(backend: Backend) -> (TestApp, Vec<UsageEvent>, String) {
     assert_eq!(r.json()["accepted"], events.len() as i64, "{}", r.text());
     app.settle().await;
     let to = now.duration_trunc(Duration::hours(1)).unwrap() + Duration::hours(1);
-    let from = to - Duration::days(6);
+    let from = to - Duration::days(14);
     let range = format!(
         "from={}&to={}",
         from.format("%Y-%m-%dT%H:%M:%SZ"),
@@ -644,8 +645,8 @@ async fn patterns_by_hour_weekday_and_day(backend: Backend) {
     };
     assert_eq!(body["peak_hour"], peak(&hours));
     assert_eq!(body["peak_weekday"], peak(&weekdays));
-    // Every day the range touches, zeros included: 7 for six days from a whole hour, 6 when the
-    // range ends at midnight.
+    // Every day the range touches, zeros included: 15 for fourteen days from a whole hour, 14
+    // when the range ends at midnight.
     let daily = body["daily"].as_array().unwrap();
     let time = |key: &str| {
         body[key]
@@ -658,7 +659,7 @@ async fn patterns_by_hour_weekday_and_day(backend: Backend) {
     let (from, to) = (time("from"), time("to"));
     let touched = (from.div_euclid(86_400)..(to - 1).div_euclid(86_400) + 1).count();
     assert_eq!(daily.len(), touched, "{daily:?}");
-    assert!(touched == 6 || touched == 7);
+    assert!(touched == 14 || touched == 15);
     for d in daily {
         let slot = d["slot"].as_i64().unwrap();
         assert_eq!(d["calls"], days.get(&slot).copied().unwrap_or(0), "{slot}");

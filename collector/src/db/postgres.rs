@@ -14,7 +14,7 @@ use tollgate_core::event::UsageEvent;
 use uuid::Uuid;
 
 use super::{edge_name, json_or_null, DbError};
-use crate::rollup::{self, decode_sketch, encode_sketch, merge_sketch, Sample};
+use crate::rollup::{self, Sample};
 
 const EVENT_COLUMNS: &str = "id, ts, org, user_id, plan, method, route, status, latency_us, \
     request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, metrics, \
@@ -335,10 +335,7 @@ impl PgStore {
                     if !k.cube.keeps_sketch() {
                         return None;
                     }
-                    let mut s =
-                        decode_sketch(stored.get(&(k.org.clone(), *h)).and_then(|s| s.as_deref()));
-                    merge_sketch(&mut s, &v.sketch);
-                    Some(encode_sketch(&s))
+                    Some(v.sketch_onto(stored.get(&(k.org.clone(), *h)).and_then(|s| s.as_deref())))
                 })
                 .collect();
             sqlx::query(

@@ -112,17 +112,36 @@ pub struct Segment {
 
 impl Segment {
     /// `[from, to)` tiled with the coarsest buckets that fit: hours up to the first midnight,
-    /// days to the last, hours after. `from` and `to` must be whole hours.
-    pub fn tile(from: i64, to: i64) -> Vec<Segment> {
+    /// days up to the first Monday, weeks to the last Monday, days to the last midnight, hours
+    /// after. Week buckets are used only from `weeks_since` on (before it they may be
+    /// incomplete: see the `rollup_epochs` table). `from` and `to` must be whole hours.
+    pub fn tile(from: i64, to: i64, weeks_since: i64) -> Vec<Segment> {
         const DAY: i64 = 86_400;
-        let first_midnight = from.div_euclid(DAY) * DAY + if from % DAY == 0 { 0 } else { DAY };
+        let ceil = |t: i64, g: Granularity| {
+            let b = g.bucket_of(t);
+            if b == t {
+                t
+            } else {
+                b + g.seconds()
+            }
+        };
+        let first_midnight = ceil(from, Granularity::Day);
         let last_midnight = to.div_euclid(DAY) * DAY;
         let candidates = if first_midnight <= last_midnight {
-            vec![
-                (Granularity::Hour, from, first_midnight),
-                (Granularity::Day, first_midnight, last_midnight),
-                (Granularity::Hour, last_midnight, to),
-            ]
+            let first_monday = ceil(first_midnight.max(weeks_since), Granularity::Week);
+            let last_monday = Granularity::Week.bucket_of(last_midnight);
+            let mut c = vec![(Granularity::Hour, from, first_midnight)];
+            if first_monday < last_monday {
+                c.extend([
+                    (Granularity::Day, first_midnight, first_monday),
+                    (Granularity::Week, first_monday, last_monday),
+                    (Granularity::Day, last_monday, last_midnight),
+                ]);
+            } else {
+                c.push((Granularity::Day, first_midnight, last_midnight));
+            }
+            c.push((Granularity::Hour, last_midnight, to));
+            c
         } else {
             vec![(Granularity::Hour, from, to)]
         };
@@ -244,48 +263,57 @@ impl Aggregate<'_> {
             .map_or(Cube::Full, |(cube, _)| cube)
     }
 
-    /// `WHERE …` and the values to bind, in order.
-    fn filter(&self, sketch: bool) -> (String, Vec<i64>) {
+    /// The rows to aggregate — `FROM (…) AS r` — and the values to bind, in order.
+    ///
+    /// One `UNION ALL` branch per segment, each a single range of an index: the ORed ranges of
+    /// one `WHERE` made SQLite scan the whole cube instead.
+    fn source(&self, sketch: bool) -> (String, Vec<i64>) {
         // The cube code is one of ours, not input: it goes into the text.
-        let mut sql = format!(" WHERE cube = {} AND ", self.cube(sketch).code());
+        let mut common = format!("cube = {}", self.cube(sketch).code());
         let mut n = 0;
         if self.org.is_some() {
             n += 1;
-            sql.push_str(&format!("org = ${n} AND "));
+            common.push_str(&format!(" AND org = ${n}"));
         }
         if self.not_allowed {
-            sql.push_str("decision <> 'allowed' AND ");
+            common.push_str(" AND decision <> 'allowed'");
         }
         if self.with_user {
-            sql.push_str("user_id <> '' AND ");
+            common.push_str(" AND user_id <> ''");
         }
         if self.served_only {
-            sql.push_str("decision <> 'limited' AND ");
+            common.push_str(" AND decision <> 'limited'");
         }
+        let columns = if sketch {
+            "org, bucket, user_id, route, method, status_class, decision, rule, latency_sketch"
+        } else {
+            "org, bucket, user_id, route, method, status_class, decision, rule, calls, errors, \
+             cost, request_bytes, response_bytes"
+        };
         let mut binds = Vec::new();
-        let ranges: Vec<String> = self
+        let mut branches: Vec<String> = self
             .segments
             .iter()
             .map(|s| {
                 binds.extend([i64::from(s.granularity.code()), s.from, s.to]);
-                let r = format!(
-                    "(granularity = ${} AND bucket >= ${} AND bucket < ${})",
+                let branch = format!(
+                    "SELECT {columns} FROM rollups WHERE {common} AND granularity = ${} \
+                     AND bucket >= ${} AND bucket < ${}",
                     n + 1,
                     n + 2,
                     n + 3
                 );
                 n += 3;
-                r
+                branch
             })
             .collect();
-        if ranges.is_empty() {
-            sql.push_str("1 = 0");
-        } else {
-            sql.push('(');
-            sql.push_str(&ranges.join(" OR "));
-            sql.push(')');
+        if branches.is_empty() {
+            branches.push(format!("SELECT {columns} FROM rollups WHERE 1 = 0"));
         }
-        (sql, binds)
+        (
+            format!(" FROM ({}) AS r", branches.join(" UNION ALL ")),
+            binds,
+        )
     }
 
     fn group_sql(&self) -> String {
@@ -339,7 +367,7 @@ macro_rules! read_key {
 impl Storage {
     /// Summed counters per group, largest first when `top` is set.
     pub async fn aggregate(&self, agg: &Aggregate<'_>) -> Result<Vec<Totals>, DbError> {
-        let (filter, binds) = agg.filter(false);
+        let (source, binds) = agg.source(false);
         let group = agg.group_sql();
         let select_group = agg.select_group();
         let users = if agg.count_users {
@@ -352,7 +380,7 @@ impl Storage {
              CAST(COALESCE(SUM(errors), 0) AS BIGINT), CAST(COALESCE(SUM(cost), 0) AS BIGINT), \
              CAST(COALESCE(SUM(request_bytes), 0) AS BIGINT), \
              CAST(COALESCE(SUM(response_bytes), 0) AS BIGINT), \
-             CAST({users} AS BIGINT) FROM rollups{filter}"
+             CAST({users} AS BIGINT){source}"
         );
         if !group.is_empty() {
             sql.push_str(&format!(" GROUP BY {group}"));
@@ -401,11 +429,8 @@ impl Storage {
         &self,
         agg: &Aggregate<'_>,
     ) -> Result<HashMap<Vec<Value>, Histogram<u64>>, DbError> {
-        let (filter, binds) = agg.filter(true);
-        let sql = format!(
-            "SELECT {}latency_sketch FROM rollups{filter}",
-            agg.select_group()
-        );
+        let (source, binds) = agg.source(true);
+        let sql = format!("SELECT {}latency_sketch{source}", agg.select_group());
         let k = agg.group.len();
         let mut out: HashMap<Vec<Value>, Histogram<u64>> = HashMap::new();
         let mut add = |key: Vec<Value>, blob: Option<Vec<u8>>| {
@@ -455,7 +480,7 @@ mod tests {
         let from = 10 * D + 5 * H;
         let to = 13 * D + 2 * H;
         assert_eq!(
-            Segment::tile(from, to),
+            Segment::tile(from, to, i64::MIN / 4),
             vec![
                 Segment {
                     granularity: Granularity::Hour,
@@ -515,12 +540,51 @@ mod tests {
     }
 
     #[test]
+    fn tiles_whole_weeks_from_monday_to_monday_where_week_rows_are_complete() {
+        // Day 0 (1970-01-01) was a Thursday: days 4, 11, 18 and 25 are Mondays.
+        let seg = |granularity, from, to| Segment {
+            granularity,
+            from,
+            to,
+        };
+        let (from, to) = (2 * D + 5 * H, 26 * D + 2 * H);
+        assert_eq!(
+            Segment::tile(from, to, i64::MIN / 4),
+            vec![
+                seg(Granularity::Hour, from, 3 * D),
+                seg(Granularity::Day, 3 * D, 4 * D),
+                seg(Granularity::Week, 4 * D, 25 * D),
+                seg(Granularity::Day, 25 * D, 26 * D),
+                seg(Granularity::Hour, 26 * D, to),
+            ]
+        );
+        // Week rows complete only from day 11 on: days before it.
+        assert_eq!(
+            Segment::tile(from, to, 11 * D),
+            vec![
+                seg(Granularity::Hour, from, 3 * D),
+                seg(Granularity::Day, 3 * D, 11 * D),
+                seg(Granularity::Week, 11 * D, 25 * D),
+                seg(Granularity::Day, 25 * D, 26 * D),
+                seg(Granularity::Hour, 26 * D, to),
+            ]
+        );
+        // Tiles always cover the range exactly, end to end.
+        for (from, to) in [(0, 40 * D), (7 * H, 33 * D + 5 * H), (4 * D, 11 * D)] {
+            let s = Segment::tile(from, to, 0);
+            assert_eq!(s.first().map(|s| s.from), Some(from));
+            assert_eq!(s.last().map(|s| s.to), Some(to));
+            assert!(s.windows(2).all(|w| w[0].to == w[1].from), "{s:?}");
+        }
+    }
+
+    #[test]
     fn tiles_within_one_day_with_hours_only() {
-        let s = Segment::tile(10 * D + H, 10 * D + 5 * H);
+        let s = Segment::tile(10 * D + H, 10 * D + 5 * H, 0);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].granularity, Granularity::Hour);
         // Whole days only: one day segment.
-        let s = Segment::tile(10 * D, 12 * D);
+        let s = Segment::tile(10 * D, 12 * D, 0);
         assert_eq!(
             s,
             vec![Segment {

@@ -3,7 +3,7 @@
 //! that moves queued events into the rollup rows (read, merge, write) and deletes them from the
 //! queue, again in one transaction.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
@@ -11,7 +11,7 @@ use tollgate_core::event::UsageEvent;
 use uuid::Uuid;
 
 use super::{edge_name, json_or_null, DbError};
-use crate::rollup::{self, decode_sketch, encode_sketch, merge_sketch, Sample};
+use crate::rollup::{self, Sample};
 
 const COLUMNS: &str = "INSERT INTO events (id, ts, org, user_id, plan, method, route, status, \
     latency_us, request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, \
@@ -115,11 +115,17 @@ struct Queued {
 /// file is served by one collector process (the CLI never folds), so a process-wide lock does.
 static FOLD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Rollup rows per statement of the fold: 17 columns × 1,000 rows stays under SQLite's 32,766
+/// bound parameters (and 6 × 1,000 for the sketch reads).
+const FOLD_ROWS_PER_STATEMENT: usize = 1_000;
+
 /// Folds up to `max` queued events into the rollups; returns how many.
 ///
-/// Reading the queue and the rollup rows, aggregating and merging sketches all happen before
-/// the write transaction, so SQLite's single write lock — which the ingest commits wait for — is
-/// held only for the writes themselves.
+/// Reading the queue and the stored sketches, aggregating and merging sketches all happen
+/// before the write transaction, so SQLite's single write lock — which the ingest commits wait
+/// for — is held only for the writes themselves. Reads and writes go a thousand rows per
+/// statement: every statement is a round trip to sqlx's SQLite worker thread, and one per row
+/// made that hand-off most of a fold's time.
 pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError> {
     let _guard = FOLD_LOCK.lock().await;
     let mut conn = pool.acquire().await?;
@@ -134,82 +140,84 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
         return Ok(0);
     };
     let samples: Vec<Sample> = rows.into_iter().map(|r| r.sample).collect();
-    let mut writes = Vec::new();
-    for (key, hash, delta) in rollup::aggregate(&samples) {
-        if !key.cube.keeps_sketch() {
-            // Counters only: an upsert below, nothing to read first.
-            writes.push((key, hash, delta, None, None));
-            continue;
-        }
-        let existing: Option<(Option<Vec<u8>>,)> =
-            sqlx::query_as("SELECT latency_sketch FROM rollups WHERE org = $1 AND key_hash = $2")
-                .bind(&key.org)
-                .bind(hash)
-                .fetch_optional(&mut *conn)
-                .await?;
-        let sketch = match &existing {
-            Some((stored,)) => {
-                let mut sketch = decode_sketch(stored.as_deref());
-                merge_sketch(&mut sketch, &delta.sketch);
-                Some(encode_sketch(&sketch))
-            }
-            None => Some(encode_sketch(&delta.sketch)),
-        };
-        writes.push((key, hash, delta, sketch, Some(existing.is_some())));
+    let deltas = rollup::aggregate(&samples);
+
+    // The stored sketches of the rows that keep one (a row not found is new).
+    let keeping: Vec<usize> = (0..deltas.len())
+        .filter(|&i| deltas[i].0.cube.keeps_sketch())
+        .collect();
+    let mut stored: HashMap<usize, Vec<u8>> = HashMap::new();
+    for chunk in keeping.chunks(FOLD_ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("WITH t (i, cube, granularity, bucket, org, key_hash) AS (");
+        q.push_values(chunk, |mut b, &i| {
+            let (key, hash, _) = &deltas[i];
+            b.push_bind(i as i64)
+                .push_bind(key.cube.code())
+                .push_bind(key.granularity.code())
+                .push_bind(key.bucket)
+                .push_bind(key.org.as_str())
+                .push_bind(*hash);
+        });
+        q.push(
+            ") SELECT t.i, r.latency_sketch FROM t JOIN rollups r ON r.cube = t.cube \
+             AND r.granularity = t.granularity AND r.bucket = t.bucket AND r.org = t.org \
+             AND r.key_hash = t.key_hash",
+        );
+        let found: Vec<(i64, Option<Vec<u8>>)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        stored.extend(
+            found
+                .into_iter()
+                .filter_map(|(i, sketch)| Some((usize::try_from(i).ok()?, sketch?))),
+        );
     }
     drop(conn);
+    let sketches: Vec<Option<Vec<u8>>> = deltas
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _, delta))| {
+            key.cube
+                .keeps_sketch()
+                .then(|| delta.sketch_onto(stored.get(&i).map(Vec::as_slice)))
+        })
+        .collect();
 
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    for (key, hash, delta, sketch, exists) in &writes {
-        if *exists == Some(true) {
-            sqlx::query(
-                "UPDATE rollups SET calls = calls + $1, errors = errors + $2, \
-                 cost = cost + $3, request_bytes = request_bytes + $4, \
-                 response_bytes = response_bytes + $5, latency_sketch = $6 \
-                 WHERE org = $7 AND key_hash = $8",
-            )
-            .bind(delta.calls)
-            .bind(delta.errors)
-            .bind(delta.cost)
-            .bind(delta.request_bytes)
-            .bind(delta.response_bytes)
-            .bind(sketch.as_deref())
-            .bind(&key.org)
-            .bind(hash)
-            .execute(&mut *tx)
-            .await?;
-        } else {
-            sqlx::query(
-                "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, \
-                 method, status_class, decision, rule, calls, errors, cost, request_bytes, \
-                 response_bytes, latency_sketch, cube) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-                 $16, $17) \
-                 ON CONFLICT (org, key_hash) DO UPDATE SET calls = calls + excluded.calls, \
-                 errors = errors + excluded.errors, cost = cost + excluded.cost, \
-                 request_bytes = request_bytes + excluded.request_bytes, \
-                 response_bytes = response_bytes + excluded.response_bytes",
-            )
-            .bind(&key.org)
-            .bind(hash)
-            .bind(key.granularity.code())
-            .bind(key.bucket)
-            .bind(&key.user)
-            .bind(&key.route)
-            .bind(&key.method)
-            .bind(key.status_class)
-            .bind(&key.decision)
-            .bind(&key.rule)
-            .bind(delta.calls)
-            .bind(delta.errors)
-            .bind(delta.cost)
-            .bind(delta.request_bytes)
-            .bind(delta.response_bytes)
-            .bind(sketch.as_deref())
-            .bind(key.cube.code())
-            .execute(&mut *tx)
-            .await?;
-        }
+    let rows: Vec<usize> = (0..deltas.len()).collect();
+    for chunk in rows.chunks(FOLD_ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, \
+             method, status_class, decision, rule, calls, errors, cost, request_bytes, \
+             response_bytes, latency_sketch) ",
+        );
+        q.push_values(chunk, |mut b, &i| {
+            let (key, hash, delta) = &deltas[i];
+            b.push_bind(key.cube.code())
+                .push_bind(key.granularity.code())
+                .push_bind(key.bucket)
+                .push_bind(key.org.as_str())
+                .push_bind(*hash)
+                .push_bind(key.user.as_str())
+                .push_bind(key.route.as_str())
+                .push_bind(key.method.as_str())
+                .push_bind(key.status_class)
+                .push_bind(key.decision.as_str())
+                .push_bind(key.rule.as_str())
+                .push_bind(delta.calls)
+                .push_bind(delta.errors)
+                .push_bind(delta.cost)
+                .push_bind(delta.request_bytes)
+                .push_bind(delta.response_bytes)
+                .push_bind(sketches[i].as_deref());
+        });
+        q.push(
+            " ON CONFLICT (org, cube, granularity, bucket, key_hash) DO UPDATE SET \
+             calls = calls + excluded.calls, errors = errors + excluded.errors, \
+             cost = cost + excluded.cost, request_bytes = request_bytes + excluded.request_bytes, \
+             response_bytes = response_bytes + excluded.response_bytes, \
+             latency_sketch = COALESCE(excluded.latency_sketch, latency_sketch)",
+        );
+        q.build().execute(&mut *tx).await?;
     }
     sqlx::query("DELETE FROM rollup_queue WHERE seq <= $1")
         .bind(last)

@@ -104,7 +104,7 @@ pub async fn endpoints(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Endpoints,
     q.only(&["from", "to", "days", "limit", "format"])?;
     let range = q.range(ctx.now)?;
     let limit = q.limit(100)?;
-    let segments = Segment::tile(range.from, range.to);
+    let segments = ctx.tile(range.from, range.to).await?;
     let group = [Column::Method, Column::Route];
     let agg = Aggregate {
         org: ctx.org,

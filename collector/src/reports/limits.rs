@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 
 use super::{Cell, ReportCtx, ReportError, ReportQuery, Table, Tabular};
-use crate::db::reports::{Aggregate, Column, Measure, Segment};
+use crate::db::reports::{Aggregate, Column, Measure};
 
 /// One rule's totals.
 #[derive(
@@ -77,7 +77,7 @@ pub async fn limits(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Limits, Repor
     q.only(&["from", "to", "days", "limit", "format"])?;
     let range = q.range(ctx.now)?;
     let limit = q.limit(100)?;
-    let segments = Segment::tile(range.from, range.to);
+    let segments = ctx.tile(range.from, range.to).await?;
     let agg = |group| Aggregate {
         org: ctx.org,
         segments: &segments,

@@ -18,9 +18,10 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::db::reports::{Column, Totals, Value};
+use crate::db::reports::{Column, Segment, Totals, Value};
 use crate::db::{DbError, Storage};
 use crate::pricing::PolicyFile;
+use crate::rollup::Granularity;
 
 pub use latency::{
     endpoints, performance, EndpointRow, Endpoints, Latency, Performance, PerformanceRow,
@@ -61,6 +62,15 @@ pub struct ReportCtx<'a> {
     pub org: Option<&'a str>,
     /// Now.
     pub now: DateTime<Utc>,
+}
+
+impl ReportCtx<'_> {
+    /// `[from, to)` (whole hours) as the segments of rollup buckets a report reads: the
+    /// coarsest whose rows are complete there.
+    pub async fn tile(&self, from: i64, to: i64) -> Result<Vec<Segment>, ReportError> {
+        let weeks_since = self.storage.complete_since(Granularity::Week).await?;
+        Ok(Segment::tile(from, to, weeks_since))
+    }
 }
 
 /// A report that can be rendered as rows and columns.

@@ -27,7 +27,8 @@ pub struct ReportQuery {
     pub from: Option<String>,
     /// End (exclusive), RFC 3339, rounded up to the hour; default now.
     pub to: Option<String>,
-    /// The last 1–90 days up to `to` (default 7 when neither `from` nor `days` is given).
+    /// 1–90 whole UTC days ending with the day that holds `to` (default 7 when neither `from`
+    /// nor `days` is given).
     pub days: Option<String>,
     /// Rows (or series) to return, 1–1000.
     pub limit: Option<String>,
@@ -106,29 +107,35 @@ fn ceil(t: i64, width: i64) -> i64 {
 }
 
 impl ReportQuery {
-    /// The time range, in whole hours. `days` counts back from `to` (rounded up to the hour, so
-    /// the current hour is included).
+    /// The time range, in whole hours. `days` means whole UTC days: the `days` days ending
+    /// with the one that holds `to` (today, by default), so the range ends at that day's end.
+    /// Such a range is read from day and week rollups only, which is what keeps a 30-day report
+    /// fast; `from`/`to` give any whole hours.
     pub fn range(&self, now: DateTime<Utc>) -> Result<Range, ReportError> {
         const HOUR: i64 = 3_600;
+        const DAY: i64 = 86_400;
         let to = match &self.to {
             Some(t) => rfc3339("to", t)?,
             None => now,
         };
         let to = ceil(to.timestamp(), HOUR);
-        let from = match (&self.days, &self.from) {
+        let days = |d: &String| -> Result<i64, ReportError> {
+            d.parse()
+                .ok()
+                .filter(|d| (1..=90).contains(d))
+                .ok_or_else(|| bad("days", format!("'{d}': a whole number from 1 to 90")))
+        };
+        let whole_days = |days: i64| {
+            let end = ceil(to, DAY);
+            (end - days * DAY, end)
+        };
+        let (from, to) = match (&self.days, &self.from) {
             (Some(_), Some(_)) => {
                 return Err(bad("days", "give either `days` or `from`, not both"))
             }
-            (Some(d), None) => {
-                let days: i64 = d
-                    .parse()
-                    .ok()
-                    .filter(|d| (1..=90).contains(d))
-                    .ok_or_else(|| bad("days", format!("'{d}': a whole number from 1 to 90")))?;
-                to - days * 86_400
-            }
-            (None, Some(f)) => floor(rfc3339("from", f)?.timestamp(), HOUR),
-            (None, None) => to - 7 * 86_400,
+            (Some(d), None) => whole_days(days(d)?),
+            (None, Some(f)) => (floor(rfc3339("from", f)?.timestamp(), HOUR), to),
+            (None, None) => whole_days(7),
         };
         if from >= to {
             return Err(bad("from", "must be before `to`"));
@@ -301,10 +308,23 @@ mod tests {
     }
 
     #[test]
-    fn days_count_back_from_the_end_of_the_current_hour() {
+    fn days_are_whole_utc_days_ending_with_the_day_of_to() {
         let r = q(&[("days", "2")]).range(now()).unwrap();
+        assert_eq!(r.to_time().to_rfc3339(), "2026-03-11T00:00:00+00:00");
+        assert_eq!(r.from_time().to_rfc3339(), "2026-03-09T00:00:00+00:00");
+        // Without `days` or `from`: the last 7 days, today included.
+        let r = q(&[]).range(now()).unwrap();
+        assert_eq!(r.from_time().to_rfc3339(), "2026-03-04T00:00:00+00:00");
+        // `to` at a midnight ends the range there.
+        let r = q(&[("days", "1"), ("to", "2026-03-05T00:00:00Z")])
+            .range(now())
+            .unwrap();
+        assert_eq!(r.from_time().to_rfc3339(), "2026-03-04T00:00:00+00:00");
+        assert_eq!(r.to_time().to_rfc3339(), "2026-03-05T00:00:00+00:00");
+        // `from` gives whole hours.
+        let r = q(&[("from", "2026-03-09T07:30:00Z")]).range(now()).unwrap();
+        assert_eq!(r.from_time().to_rfc3339(), "2026-03-09T07:00:00+00:00");
         assert_eq!(r.to_time().to_rfc3339(), "2026-03-10T13:00:00+00:00");
-        assert_eq!(r.from_time().to_rfc3339(), "2026-03-08T13:00:00+00:00");
     }
 
     #[test]

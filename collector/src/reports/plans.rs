@@ -10,7 +10,7 @@ use tollgate_core::{Algorithm, Limiter, Timestamp};
 
 use super::params::to_time;
 use super::{Cell, ReportCtx, ReportError, ReportQuery, Table, Tabular};
-use crate::db::reports::{Aggregate, Column, Segment, Totals};
+use crate::db::reports::{Aggregate, Column, Totals};
 use crate::db::OrgRecord;
 use crate::pricing::PolicyFile;
 
@@ -156,7 +156,7 @@ async fn used(
                 .flatten(),
         )
         .collect();
-    let segments = Segment::tile(from, to);
+    let segments = ctx.tile(from, to).await?;
     // Denied requests are not charged to a quota.
     let rows: Vec<Totals> = ctx
         .storage
@@ -382,7 +382,7 @@ pub async fn billing(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Billing, Rep
     for org in orgs(ctx, policy).await? {
         let plan = org.plan.clone().unwrap_or_default();
         let segments = if from < to {
-            Segment::tile(from, to)
+            ctx.tile(from, to).await?
         } else {
             Vec::new()
         };

@@ -73,7 +73,7 @@ pub async fn overview(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Overview, R
     if group.is_empty() {
         group.push(Column::Route);
     }
-    let segments = Segment::tile(range.from, range.to);
+    let segments = ctx.tile(range.from, range.to).await?;
     let totals = ctx
         .storage
         .aggregate(&Aggregate {
@@ -187,7 +187,7 @@ pub async fn timeseries(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Timeserie
             .aggregate(&Aggregate {
                 org: ctx.org,
                 // Series ranges are whole hours at least.
-                segments: &Segment::tile(range.from, range.to),
+                segments: &ctx.tile(range.from, range.to).await?,
                 group: &group,
                 top: Some((Measure::Calls, limit)),
                 ..Aggregate::default()
@@ -310,7 +310,7 @@ pub async fn top(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Top, ReportError
             })
         }
     };
-    let segments = Segment::tile(range.from, range.to);
+    let segments = ctx.tile(range.from, range.to).await?;
     let rows = ctx
         .storage
         .aggregate(&Aggregate {
