@@ -268,98 +268,127 @@ impl PgStore {
         }
         let deltas = rollup::aggregate(&samples);
         if !deltas.is_empty() {
-            let orgs: Vec<&str> = deltas.iter().map(|d| d.0.org.as_str()).collect();
-            let hashes: Vec<i64> = deltas.iter().map(|d| d.1).collect();
-            // 1. Make sure every row exists (empty), racing replicas included.
-            sqlx::query(
-                "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
-                 status_class, decision, rule, calls, errors, cost, request_bytes, \
-                 response_bytes, latency_sketch, cube) \
-                 SELECT t.org, t.h, t.g, t.b, t.u, t.r, t.m, t.s, t.d, t.rl, 0, 0, 0, 0, 0, NULL, \
-                 t.c \
-                 FROM UNNEST($1::text[], $2::int8[], $3::int2[], $4::int8[], $5::text[], \
-                 $6::text[], $7::text[], $8::int2[], $9::text[], $10::text[], $11::int2[]) \
-                 AS t(org, h, g, b, u, r, m, s, d, rl, c) \
-                 ON CONFLICT (org, key_hash) DO NOTHING",
-            )
-            .bind(&orgs)
-            .bind(&hashes)
-            .bind(
-                deltas
-                    .iter()
-                    .map(|d| d.0.granularity.code())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(deltas.iter().map(|d| d.0.bucket).collect::<Vec<_>>())
-            .bind(deltas.iter().map(|d| d.0.user.as_str()).collect::<Vec<_>>())
-            .bind(
-                deltas
-                    .iter()
-                    .map(|d| d.0.route.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                deltas
-                    .iter()
-                    .map(|d| d.0.method.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(deltas.iter().map(|d| d.0.status_class).collect::<Vec<_>>())
-            .bind(
-                deltas
-                    .iter()
-                    .map(|d| d.0.decision.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(deltas.iter().map(|d| d.0.rule.as_str()).collect::<Vec<_>>())
-            .bind(deltas.iter().map(|d| d.0.cube.code()).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-            // 2. Lock them in (org, key_hash) order and read their sketches.
-            let stored: Vec<(String, i64, Option<Vec<u8>>)> = sqlx::query_as(
-                "SELECT r.org, r.key_hash, r.latency_sketch FROM rollups r \
-                 JOIN UNNEST($1::text[], $2::int8[]) AS t(org, h) \
-                 ON r.org = t.org AND r.key_hash = t.h \
-                 ORDER BY r.org, r.key_hash FOR UPDATE OF r",
-            )
-            .bind(&orgs)
-            .bind(&hashes)
-            .fetch_all(&mut *tx)
-            .await?;
-            let stored: std::collections::HashMap<(String, i64), Option<Vec<u8>>> =
-                stored.into_iter().map(|(o, h, s)| ((o, h), s)).collect();
-            // 3. Merge and write back.
-            let sketches: Vec<Option<Vec<u8>>> = deltas
-                .iter()
-                .map(|(k, h, v)| {
-                    if !k.cube.keeps_sketch() {
-                        return None;
-                    }
-                    Some(v.sketch_onto(stored.get(&(k.org.clone(), *h)).and_then(|s| s.as_deref())))
-                })
-                .collect();
-            sqlx::query(
-                "UPDATE rollups r SET calls = r.calls + t.calls, errors = r.errors + t.errors, \
-                 cost = r.cost + t.cost, request_bytes = r.request_bytes + t.rq, \
-                 response_bytes = r.response_bytes + t.rs, latency_sketch = t.sk \
-                 FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
-                 $6::int8[], $7::int8[], $8::bytea[]) AS t(org, h, calls, errors, cost, rq, rs, sk) \
-                 WHERE r.org = t.org AND r.key_hash = t.h",
-            )
-            .bind(&orgs)
-            .bind(&hashes)
-            .bind(deltas.iter().map(|d| d.2.calls).collect::<Vec<_>>())
-            .bind(deltas.iter().map(|d| d.2.errors).collect::<Vec<_>>())
-            .bind(deltas.iter().map(|d| d.2.cost).collect::<Vec<_>>())
-            .bind(deltas.iter().map(|d| d.2.request_bytes).collect::<Vec<_>>())
-            .bind(deltas.iter().map(|d| d.2.response_bytes).collect::<Vec<_>>())
-            .bind(&sketches)
-            .execute(&mut *tx)
-            .await?;
+            upsert_deltas(&mut tx, &deltas).await?;
         }
         tx.commit().await?;
         Ok(samples.len())
     }
+}
+
+/// Adds fold deltas to their rollup rows, creating the missing ones; `deltas` are in (org,
+/// hash) order, so concurrent folders lock rows in the same order.
+///
+/// New rows are inserted whole in one statement (their sketch is the delta's own); only rows
+/// that already existed are then locked, read for their sketch, merged and updated. Most rows
+/// a fold touches — every minute row — are new, so most get one write instead of three.
+async fn upsert_deltas(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    deltas: &[(rollup::RollupKey, i64, rollup::Delta)],
+) -> Result<(), DbError> {
+    let column = |f: &dyn Fn(&(rollup::RollupKey, i64, rollup::Delta)) -> i64| -> Vec<i64> {
+        deltas.iter().map(f).collect()
+    };
+    let text = |f: &dyn Fn(&rollup::RollupKey) -> &str| -> Vec<String> {
+        deltas.iter().map(|d| f(&d.0).to_owned()).collect()
+    };
+    let orgs = text(&|k| &k.org);
+    let hashes = column(&|d| d.1);
+    let own_sketches: Vec<Option<Vec<u8>>> = deltas
+        .iter()
+        .map(|(k, _, v)| k.cube.keeps_sketch().then(|| v.sketch_onto(None)))
+        .collect();
+    let calls = column(&|d| d.2.calls);
+    let errors = column(&|d| d.2.errors);
+    let cost = column(&|d| d.2.cost);
+    let request_bytes = column(&|d| d.2.request_bytes);
+    let response_bytes = column(&|d| d.2.response_bytes);
+    // 1. Insert the rows that do not exist yet, whole; racing replicas' rows are left alone.
+    let inserted: Vec<(String, i64)> = sqlx::query_as(
+        "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
+         status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
+         latency_sketch, cube) \
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int2[], $4::int8[], $5::text[], \
+         $6::text[], $7::text[], $8::int2[], $9::text[], $10::text[], $11::int8[], $12::int8[], \
+         $13::int8[], $14::int8[], $15::int8[], $16::bytea[], $17::int2[]) \
+         ON CONFLICT (org, key_hash) DO NOTHING RETURNING org, key_hash",
+    )
+    .bind(&orgs)
+    .bind(&hashes)
+    .bind(
+        deltas
+            .iter()
+            .map(|d| d.0.granularity.code())
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(&|d| d.0.bucket))
+    .bind(text(&|k| &k.user))
+    .bind(text(&|k| &k.route))
+    .bind(text(&|k| &k.method))
+    .bind(deltas.iter().map(|d| d.0.status_class).collect::<Vec<_>>())
+    .bind(text(&|k| &k.decision))
+    .bind(text(&|k| &k.rule))
+    .bind(&calls)
+    .bind(&errors)
+    .bind(&cost)
+    .bind(&request_bytes)
+    .bind(&response_bytes)
+    .bind(&own_sketches)
+    .bind(deltas.iter().map(|d| d.0.cube.code()).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?;
+    let inserted: HashSet<(String, i64)> = inserted.into_iter().collect();
+    let existing: Vec<usize> = (0..deltas.len())
+        .filter(|&i| !inserted.contains(&(orgs[i].clone(), hashes[i])))
+        .collect();
+    if existing.is_empty() {
+        return Ok(());
+    }
+    let pick = |v: &[i64]| -> Vec<i64> { existing.iter().map(|&i| v[i]).collect() };
+    let ex_orgs: Vec<&str> = existing.iter().map(|&i| orgs[i].as_str()).collect();
+    let ex_hashes = pick(&hashes);
+    // 2. Lock the existing rows in (org, key_hash) order and read their sketches.
+    let stored: Vec<(String, i64, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT r.org, r.key_hash, r.latency_sketch FROM rollups r \
+         JOIN UNNEST($1::text[], $2::int8[]) AS t(org, h) \
+         ON r.org = t.org AND r.key_hash = t.h \
+         ORDER BY r.org, r.key_hash FOR UPDATE OF r",
+    )
+    .bind(&ex_orgs)
+    .bind(&ex_hashes)
+    .fetch_all(&mut **tx)
+    .await?;
+    let stored: std::collections::HashMap<(String, i64), Option<Vec<u8>>> =
+        stored.into_iter().map(|(o, h, s)| ((o, h), s)).collect();
+    // 3. Merge and write back.
+    let sketches: Vec<Option<Vec<u8>>> = existing
+        .iter()
+        .map(|&i| {
+            let (k, h, v) = &deltas[i];
+            k.cube
+                .keeps_sketch()
+                .then(|| v.sketch_onto(stored.get(&(k.org.clone(), *h)).and_then(|s| s.as_deref())))
+        })
+        .collect();
+    sqlx::query(
+        "UPDATE rollups r SET calls = r.calls + t.calls, errors = r.errors + t.errors, \
+         cost = r.cost + t.cost, request_bytes = r.request_bytes + t.rq, \
+         response_bytes = r.response_bytes + t.rs, \
+         latency_sketch = COALESCE(t.sk, r.latency_sketch) \
+         FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
+         $6::int8[], $7::int8[], $8::bytea[]) AS t(org, h, calls, errors, cost, rq, rs, sk) \
+         WHERE r.org = t.org AND r.key_hash = t.h",
+    )
+    .bind(&ex_orgs)
+    .bind(&ex_hashes)
+    .bind(pick(&calls))
+    .bind(pick(&errors))
+    .bind(pick(&cost))
+    .bind(pick(&request_bytes))
+    .bind(pick(&response_bytes))
+    .bind(&sketches)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// For tests of the raw COPY rate: the COPY text of `events`.

@@ -259,7 +259,11 @@ impl Aggregate<'_> {
         ];
         candidates
             .into_iter()
-            .find(|(cube, keeps)| (!sketch || cube.keeps_sketch()) && fits(keeps))
+            .find(|(cube, keeps)| {
+                (!sketch || cube.keeps_sketch())
+                    && self.segments.iter().all(|s| cube.has(s.granularity))
+                    && fits(keeps)
+            })
             .map_or(Cube::Full, |(cube, _)| cube)
     }
 
@@ -537,6 +541,14 @@ mod tests {
         assert_eq!(served_routes.cube(false), Cube::Endpoint);
         // Sketches only where they are kept.
         assert_eq!(q(&[Column::Rule]).cube(true), Cube::Full);
+        // Minutes by route are in the full cube only.
+        let minutes = Segment::single(Granularity::Minute, 0, 3_600);
+        let by_route_per_minute = Aggregate {
+            segments: &minutes,
+            ..q(&[Column::Route])
+        };
+        assert_eq!(by_route_per_minute.cube(false), Cube::Full);
+        assert_eq!(by_route_per_minute.cube(true), Cube::Full);
     }
 
     #[test]
