@@ -37,7 +37,9 @@ use tollgate_benches::Rng;
 use tollgate_benches::{cluster, pg};
 use tollgate_collector::auth::Role;
 use tollgate_collector::cli::build_state;
+use tollgate_collector::db::reports::Segment;
 use tollgate_collector::db::OrgRecord;
+use tollgate_collector::rollup::Granularity;
 use tollgate_collector::{app, Limits, Storage};
 use tollgate_core::event::{EdgeKind, EventIdGenerator, UsageEvent};
 use tollgate_core::{Timestamp, Verdict};
@@ -839,14 +841,14 @@ macro_rules! on_pool {
     };
 }
 
-async fn rows_per_granularity(storage: &Storage) -> [i64; 3] {
+async fn rows_per_granularity(storage: &Storage) -> [i64; 4] {
     let rows: Vec<(i64, i64)> = on_pool!(storage, pool => sqlx::query_as(
         "SELECT CAST(granularity AS BIGINT), COUNT(*) FROM rollups GROUP BY granularity",
     )
     .fetch_all(pool)
     .await
     .expect("count rollups"));
-    let mut out = [0; 3];
+    let mut out = [0; 4];
     for (g, n) in rows {
         if let Some(slot) = out.get_mut(g as usize) {
             *slot = n;
@@ -891,21 +893,19 @@ async fn rows_by_cube(
     out
 }
 
-/// A report's range of the last `days` tiled as the report code tiles it: hour rows up to the
-/// first midnight, day rows to the last, hour rows after (`to` is the end of the current hour).
-fn tiled(days: i64) -> Vec<(i16, i64, i64)> {
-    const H: i64 = 3_600;
+/// A `days=N` report's range tiled by the collector's own code: whole UTC days up to the end of
+/// today, weeks between the first and last Monday.
+async fn tiled(storage: &Storage, days: i64) -> Vec<(i16, i64, i64)> {
     const D: i64 = 86_400;
-    let now = Utc::now().timestamp();
-    let to = (now + H - 1).div_euclid(H) * H;
-    let from = to - days * D;
-    let first_midnight = (from + D - 1).div_euclid(D) * D;
-    let last_midnight = to.div_euclid(D) * D;
-    vec![
-        (1, from, first_midnight),
-        (2, first_midnight, last_midnight),
-        (1, last_midnight, to),
-    ]
+    let to = (Utc::now().timestamp() + D - 1).div_euclid(D) * D;
+    let weeks_since = storage
+        .complete_since(Granularity::Week)
+        .await
+        .expect("rollup_epochs");
+    Segment::tile(to - days * D, to, weeks_since)
+        .into_iter()
+        .map(|s| (s.granularity.code(), s.from, s.to))
+        .collect()
 }
 
 fn cube_name(code: i64) -> String {
@@ -1248,7 +1248,7 @@ fn stand_in(picks: &Picks) -> Line {
 struct EngineReport {
     meta: Meta,
     loaded_now: bool,
-    rows: [i64; 3],
+    rows: [i64; 4],
     /// Rows a report's range covers, by scope and cube.
     scope: Vec<(String, i64)>,
     sketch: Vec<(&'static str, f64, f64)>,
@@ -1264,9 +1264,10 @@ impl EngineReport {
     }
 }
 
-/// Loads (or reuses) the database at `url`, then times every line over HTTP.
+/// Connects, migrates and loads `name`'s database (or reuses its cache); writes the cache's
+/// meta file when it loaded.
 #[allow(clippy::too_many_arguments)]
-async fn run_engine(
+async fn load_engine(
     name: &str,
     url: &str,
     (cached, resumed): (Option<Meta>, Option<Meta>),
@@ -1275,11 +1276,9 @@ async fn run_engine(
     events: u64,
     end: DateTime<Utc>,
     schema: &str,
-    picks: &Picks,
-) -> EngineReport {
+) -> (Storage, Meta) {
     let storage = Storage::connect(url, 16).await.expect("connect");
     storage.migrate().await.expect("migrate");
-    let loaded_now = cached.is_none();
     let meta = match cached {
         Some(m) => {
             eprintln!(
@@ -1308,18 +1307,50 @@ async fn run_engine(
             m
         }
     };
+    (storage, meta)
+}
+
+/// Loads (or reuses) the database at `url`, then times every line over HTTP.
+#[allow(clippy::too_many_arguments)]
+async fn run_engine(
+    name: &str,
+    url: &str,
+    (cached, resumed): (Option<Meta>, Option<Meta>),
+    meta_path: &Path,
+    workload: &Workload,
+    events: u64,
+    end: DateTime<Utc>,
+    schema: &str,
+    picks: &Picks,
+) -> EngineReport {
+    let loaded_now = cached.is_none();
+    let (storage, meta) = load_engine(
+        name,
+        url,
+        (cached, resumed),
+        meta_path,
+        workload,
+        events,
+        end,
+        schema,
+    )
+    .await;
     let rows = rows_per_granularity(&storage).await;
     let now = Utc::now().timestamp();
     let hour_to = (now + 3_599).div_euclid(3_600) * 3_600;
     let mut scope = Vec::new();
     for (label, org, segments) in [
-        ("heaviest org, 30 d", Some(&picks.heaviest), tiled(30)),
+        (
+            "heaviest org, 30 d",
+            Some(&picks.heaviest),
+            tiled(&storage, 30).await,
+        ),
         (
             "mid org, hour rows, 30 d",
             Some(&picks.mid),
             vec![(1, hour_to - 30 * 86_400, hour_to)],
         ),
-        ("all orgs, 30 d", None, tiled(30)),
+        ("all orgs, 30 d", None, tiled(&storage, 30).await),
     ] {
         for (cube, n) in rows_by_cube(&storage, org.map(String::as_str), &segments).await {
             scope.push((format!("{label}, {}", cube_name(cube)), n));
@@ -1548,6 +1579,54 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.spawn(stop_on_signal());
+    // Load one engine's cache and stop: the two loads can then run side by side (in two
+    // processes, the second started once the first has written its partial meta, so both use
+    // the same end time), and a later run measures both from the caches.
+    if let Ok(engine) = std::env::var("TOLLGATE_BENCH_REPORTS_LOAD_ONLY") {
+        runtime.block_on(async {
+            match engine.as_str() {
+                "sqlite" => {
+                    if sqlite_cached == (None, None) {
+                        let _ = std::fs::remove_file(&sqlite_meta);
+                        remove_sqlite_files(&sqlite_db);
+                    }
+                    let url = format!("sqlite://{}", sqlite_db.display());
+                    load_engine(
+                        "sqlite",
+                        &url,
+                        sqlite_cached,
+                        &sqlite_meta,
+                        &workload,
+                        events,
+                        end,
+                        &sqlite_schema,
+                    )
+                    .await;
+                }
+                "postgres" => {
+                    let reuse = pg_cached != (None, None);
+                    if !reuse {
+                        let _ = std::fs::remove_file(&pg_meta);
+                    }
+                    let pg = Pg::start(&pg_dir, reuse);
+                    load_engine(
+                        "postgres",
+                        &pg.url(),
+                        pg_cached,
+                        &pg_meta,
+                        &workload,
+                        events,
+                        end,
+                        &pg_schema,
+                    )
+                    .await;
+                    drop(pg);
+                }
+                other => panic!("TOLLGATE_BENCH_REPORTS_LOAD_ONLY={other}: sqlite or postgres"),
+            }
+        });
+        return;
+    }
     let (sqlite, postgres) = runtime.block_on(async {
         if sqlite_cached == (None, None) {
             let _ = std::fs::remove_file(&sqlite_meta);
@@ -1639,7 +1718,7 @@ fn print_report(events: u64, picks: &Picks, sqlite: &EngineReport, postgres: &En
         "SQLite".into(),
         "PostgreSQL".into(),
     );
-    for (i, g) in ["  minute (14 days kept)", "  hour", "  day"]
+    for (i, g) in ["  minute (14 days kept)", "  hour", "  day", "  week"]
         .iter()
         .enumerate()
     {
@@ -1652,7 +1731,7 @@ fn print_report(events: u64, picks: &Picks, sqlite: &EngineReport, postgres: &En
     }
     row(
         &mut out,
-        "rows in a report's range (30 d: hours at the ends, days between), by cube",
+        "rows in a report's range (30 d: weeks, days around them), by cube",
         String::new(),
         String::new(),
     );

@@ -59,6 +59,20 @@ impl Column {
         }
     }
 
+    /// The stored column its expression reads.
+    fn stored(self) -> &'static str {
+        match self {
+            Column::Org => "org",
+            Column::Bucket | Column::HourOfDay | Column::Weekday | Column::Day => "bucket",
+            Column::User => "user_id",
+            Column::Route => "route",
+            Column::Method => "method",
+            Column::StatusClass => "status_class",
+            Column::Decision => "decision",
+            Column::Rule => "rule",
+        }
+    }
+
     fn is_text(self) -> bool {
         matches!(
             self,
@@ -288,12 +302,20 @@ impl Aggregate<'_> {
         if self.served_only {
             common.push_str(" AND decision <> 'limited'");
         }
-        let columns = if sketch {
-            "org, bucket, user_id, route, method, status_class, decision, rule, latency_sketch"
+        // Only the columns the outer query uses, so an index holding them (`rollups_users`)
+        // answers without reading the table.
+        let mut columns: Vec<&str> = self.group.iter().map(|c| c.stored()).collect();
+        if self.count_users && !sketch {
+            columns.push("user_id");
+        }
+        columns.sort_unstable();
+        columns.dedup();
+        if sketch {
+            columns.push("latency_sketch");
         } else {
-            "org, bucket, user_id, route, method, status_class, decision, rule, calls, errors, \
-             cost, request_bytes, response_bytes"
-        };
+            columns.extend(["calls", "errors", "cost", "request_bytes", "response_bytes"]);
+        }
+        let columns = columns.join(", ");
         let mut binds = Vec::new();
         let mut branches: Vec<String> = self
             .segments
