@@ -722,7 +722,7 @@ async fn load(
         generate += t.elapsed();
         let t = Instant::now();
         let new = storage
-            .write_events(&batch, Utc::now())
+            .write_events(&batch, Utc::now(), &[])
             .await
             .expect("write_events");
         write += t.elapsed();

@@ -430,6 +430,10 @@ pub fn build_state(
         limits.max_queued_events,
         limits.max_group_events,
         committers,
+        policy
+            .as_ref()
+            .map(|p| p.dimensions.clone())
+            .unwrap_or_default(),
     );
     // Both values come from `Limits`; zero is the only way to make the policy invalid.
     let report_limiter = ReportLimiter::new(

@@ -38,6 +38,14 @@ pub enum PolicyFileError {
     /// The core's document is invalid (the field is named).
     #[error(transparent)]
     Policy(#[from] tollgate_core::PolicyError),
+    /// The custom dimensions the rollups keep are declared wrongly.
+    #[error("invalid policy at `dimensions{field}`: {message}")]
+    Dimensions {
+        /// Where (`[index]`, or empty for the whole list).
+        field: String,
+        /// What.
+        message: String,
+    },
     /// The pricing section is invalid.
     #[error("invalid policy at `pricing{field}`: {message}")]
     Pricing {
@@ -55,6 +63,64 @@ pub struct PolicyFile {
     pub policy: Policy,
     /// Prices by plan.
     pub pricing: BTreeMap<String, PlanPrice>,
+    /// Custom event dimensions the rollups keep, so reports can group by them (`group_by=model`).
+    /// Events may carry other dimensions; those stay in the raw events only.
+    pub dimensions: Vec<String>,
+}
+
+/// Most custom dimensions a policy may declare for the rollups: each adds a row per event per
+/// hour, day and week bucket.
+pub const MAX_ROLLED_DIMENSIONS: usize = 8;
+
+/// Names reports already use for built-in dimensions; a custom one may not take them.
+const BUILT_IN_DIMENSIONS: [&str; 8] = [
+    "org",
+    "user",
+    "route",
+    "method",
+    "status_class",
+    "decision",
+    "rule",
+    "bucket",
+];
+
+fn rolled_dimensions(value: serde_json::Value) -> Result<Vec<String>, PolicyFileError> {
+    let bad = |field: String, message: String| PolicyFileError::Dimensions { field, message };
+    if value.is_null() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = serde_json::from_value(value)
+        .map_err(|e| bad(String::new(), format!("a list of dimension names: {e}")))?;
+    if names.len() > MAX_ROLLED_DIMENSIONS {
+        return Err(bad(
+            String::new(),
+            format!("{} names; at most {MAX_ROLLED_DIMENSIONS}", names.len()),
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        let field = format!("[{i}]");
+        let valid = !name.is_empty()
+            && name.len() <= tollgate_core::event::MAX_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !valid {
+            return Err(bad(
+                field,
+                format!(
+                    "'{name}': 1–{} of A–Z, a–z, 0–9, '_', '.', '-' (an event dimension's name)",
+                    tollgate_core::event::MAX_NAME_LEN
+                ),
+            ));
+        }
+        if BUILT_IN_DIMENSIONS.contains(&name.as_str()) {
+            return Err(bad(field, format!("'{name}' is a built-in dimension")));
+        }
+        if names[..i].contains(name) {
+            return Err(bad(field, format!("'{name}' is declared twice")));
+        }
+    }
+    Ok(names)
 }
 
 impl PolicyFile {
@@ -66,6 +132,7 @@ impl PolicyFile {
             .as_object_mut()
             .ok_or_else(|| PolicyFileError::NotJson("the top level must be an object".into()))?;
         let pricing_value = object.remove("pricing").unwrap_or_default();
+        let dimensions = rolled_dimensions(object.remove("dimensions").unwrap_or_default())?;
         let policy = Policy::from_json(&value.to_string())?;
         let pricing: BTreeMap<String, PlanPrice> = if pricing_value.is_null() {
             BTreeMap::new()
@@ -92,7 +159,11 @@ impl PolicyFile {
                 });
             }
         }
-        Ok(Self { policy, pricing })
+        Ok(Self {
+            policy,
+            pricing,
+            dimensions,
+        })
     }
 
     /// The charge, in minor units, for `units` used in one month on `plan`.
@@ -126,5 +197,37 @@ mod tests {
         );
         check(r#"{"version":1,"planz":{}}"#, "planz");
         check("[1]", "object");
+    }
+
+    #[test]
+    fn rolled_dimensions_are_validated_with_the_entry_named() {
+        let file =
+            PolicyFile::from_json(r#"{"version":1,"dimensions":["model","feature"]}"#).unwrap();
+        assert_eq!(file.dimensions, ["model", "feature"]);
+        assert!(PolicyFile::from_json(r#"{"version":1}"#)
+            .unwrap()
+            .dimensions
+            .is_empty());
+        for (dims, expected) in [
+            (
+                r#"["model","route"]"#,
+                "dimensions[1]`: 'route' is a built-in",
+            ),
+            (
+                r#"["model","model"]"#,
+                "dimensions[1]`: 'model' is declared twice",
+            ),
+            (r#"["a b"]"#, "dimensions[0]`: 'a b'"),
+            (r#""model""#, "a list of dimension names"),
+            (
+                r#"["a","b","c","d","e","f","g","h","i"]"#,
+                "9 names; at most 8",
+            ),
+        ] {
+            let err = PolicyFile::from_json(&format!(r#"{{"version":1,"dimensions":{dims}}}"#))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{err} should contain {expected}");
+        }
     }
 }

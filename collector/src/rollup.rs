@@ -114,10 +114,14 @@ pub enum Cube {
     Org,
     /// By route: org, route, method — with the latency sketch, for endpoint percentiles.
     Route,
+    /// By one custom dimension the policy declares: org, dimension name and value. Not a
+    /// projection of the key: an event has a row here per declared dimension it carries.
+    Custom,
 }
 
 impl Cube {
-    /// Every cube, each event folds into all of them.
+    /// The projections of the key: each event folds into all of them (and into
+    /// [`Cube::Custom`] once per declared dimension it carries).
     pub const ALL: [Cube; 5] = [
         Cube::Full,
         Cube::Endpoint,
@@ -134,6 +138,7 @@ impl Cube {
             Cube::User => 2,
             Cube::Org => 3,
             Cube::Route => 4,
+            Cube::Custom => 5,
         }
     }
 
@@ -148,7 +153,7 @@ impl Cube {
     /// fold's writes, and what reads minutes (the realtime report, minute series) groups by org,
     /// user, status or decision. A minute query by route reads the full cube.
     pub fn has(self, g: Granularity) -> bool {
-        g != Granularity::Minute || !matches!(self, Cube::Endpoint | Cube::Route)
+        g != Granularity::Minute || !matches!(self, Cube::Endpoint | Cube::Route | Cube::Custom)
     }
 
     /// The full key projected onto this cube: the dimensions it drops emptied.
@@ -159,6 +164,7 @@ impl Cube {
             Cube::User => (true, false, false, true),
             Cube::Org => (false, false, true, false),
             Cube::Route => (false, true, false, false),
+            Cube::Custom => (false, false, false, false),
         };
         if !user {
             key.user = "";
@@ -195,6 +201,8 @@ struct KeyRef<'a> {
     status_class: i16,
     decision: &'a str,
     rule: &'a str,
+    dimension: &'a str,
+    dimension_value: &'a str,
     cube: Cube,
 }
 
@@ -210,6 +218,8 @@ impl KeyRef<'_> {
             status_class: self.status_class,
             decision: self.decision.to_owned(),
             rule: self.rule.to_owned(),
+            dimension: self.dimension.to_owned(),
+            dimension_value: self.dimension_value.to_owned(),
             cube: self.cube,
         }
     }
@@ -236,6 +246,10 @@ pub struct RollupKey {
     pub decision: String,
     /// The rule that decided the events ('' when none): what the limits report groups by.
     pub rule: String,
+    /// The custom dimension's name ('' outside [`Cube::Custom`]).
+    pub dimension: String,
+    /// Its value ('' outside [`Cube::Custom`]).
+    pub dimension_value: String,
     /// The projection this row aggregates.
     pub cube: Cube,
 }
@@ -270,6 +284,13 @@ impl RollupKey {
         if self.cube != Cube::Full {
             h.update(b"cube");
             h.update(&self.cube.code().to_le_bytes());
+        }
+        // And the custom dimension, set only in its own cube.
+        if !self.dimension.is_empty() {
+            for part in [self.dimension.as_str(), self.dimension_value.as_str()] {
+                h.update(&(part.len() as u64).to_le_bytes());
+                h.update(part.as_bytes());
+            }
         }
         h.digest() as i64
     }
@@ -410,11 +431,29 @@ pub struct Sample {
     /// Cost units.
     #[sqlx(try_from = "i64")]
     pub cost: u64,
+    /// The declared custom dimensions the event carries, as a JSON object (none: `None`).
+    pub dimensions: Option<String>,
+}
+
+/// The declared custom dimensions of an event as the rollup queue stores them: a JSON object of
+/// those it carries, `None` when it carries none of them.
+pub fn rolled_dimensions(e: &UsageEvent, declared: &[String]) -> Option<String> {
+    let kept: std::collections::BTreeMap<&str, &str> = e
+        .dimensions
+        .iter()
+        .filter(|(k, _)| declared.iter().any(|d| d == *k))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    if kept.is_empty() {
+        None
+    } else {
+        serde_json::to_string(&kept).ok()
+    }
 }
 
 impl Sample {
-    /// The rollup-relevant part of an event.
-    pub fn of(e: &UsageEvent) -> Self {
+    /// The rollup-relevant part of an event, keeping the `declared` custom dimensions.
+    pub fn of(e: &UsageEvent, declared: &[String]) -> Self {
         Self {
             ts: e.timestamp.timestamp(),
             org: e.org.clone(),
@@ -428,6 +467,22 @@ impl Sample {
             request_bytes: e.request_bytes,
             response_bytes: e.response_bytes,
             cost: e.cost,
+            dimensions: rolled_dimensions(e, declared),
+        }
+    }
+
+    /// Its custom dimensions, (name, value) pairs; an unreadable object reads as none (the
+    /// queue is written by the collector itself, so that would be a bug, and is logged).
+    fn custom_dimensions(&self) -> Vec<(String, String)> {
+        let Some(text) = &self.dimensions else {
+            return Vec::new();
+        };
+        match serde_json::from_str::<std::collections::BTreeMap<String, String>>(text) {
+            Ok(map) => map.into_iter().collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "unreadable custom dimensions in the rollup queue");
+                Vec::new()
+            }
         }
     }
 }
@@ -480,9 +535,12 @@ impl Delta {
 pub fn aggregate<'a>(
     samples: impl IntoIterator<Item = &'a Sample>,
 ) -> Vec<(RollupKey, i64, Delta)> {
-    let mut map: HashMap<KeyRef<'a>, Delta, xxhash_rust::xxh3::Xxh3DefaultBuilder> =
+    let samples: Vec<&Sample> = samples.into_iter().collect();
+    let custom: Vec<Vec<(String, String)>> =
+        samples.iter().map(|e| e.custom_dimensions()).collect();
+    let mut map: HashMap<KeyRef<'_>, Delta, xxhash_rust::xxh3::Xxh3DefaultBuilder> =
         HashMap::default();
-    for e in samples {
+    for (e, custom) in samples.iter().zip(&custom) {
         for g in Granularity::ALL {
             let key = KeyRef {
                 granularity: g,
@@ -494,12 +552,24 @@ pub fn aggregate<'a>(
                 status_class: (e.status / 100) as i16,
                 decision: &e.decision,
                 rule: &e.rule,
+                dimension: "",
+                dimension_value: "",
                 cube: Cube::Full,
             };
             for cube in Cube::ALL.into_iter().filter(|c| c.has(g)) {
                 map.entry(cube.project(key))
                     .or_default()
                     .record(e, cube.keeps_sketch());
+            }
+            if Cube::Custom.has(g) {
+                for (name, value) in custom {
+                    let key = KeyRef {
+                        dimension: name,
+                        dimension_value: value,
+                        ..Cube::Custom.project(key)
+                    };
+                    map.entry(key).or_default().record(e, false);
+                }
             }
         }
     }
@@ -549,6 +619,8 @@ mod tests {
             status_class: 4,
             decision: "limited".into(),
             rule: rule.into(),
+            dimension: String::new(),
+            dimension_value: String::new(),
             cube: Cube::Full,
         }
     }
@@ -613,7 +685,7 @@ mod tests {
 
     #[test]
     fn samples_carry_the_rule_and_aggregate_splits_by_it() {
-        assert_eq!(Sample::of(&event(Verdict::Allowed, None)).rule, "");
+        assert_eq!(Sample::of(&event(Verdict::Allowed, None), &[]).rule, "");
         let samples: Vec<Sample> = [
             event(Verdict::Limited, Some("per-user")),
             event(Verdict::Limited, Some("per-user")),
@@ -622,7 +694,7 @@ mod tests {
             event(Verdict::Allowed, None),
         ]
         .iter()
-        .map(Sample::of)
+        .map(|e| Sample::of(e, &[]))
         .collect();
         assert_eq!(samples[0].rule, "per-user");
         let all = aggregate(&samples);
@@ -657,7 +729,7 @@ mod tests {
             event(Verdict::ShadowLimited, Some("per-org")),
         ]
         .iter()
-        .map(Sample::of)
+        .map(|e| Sample::of(e, &[]))
         .collect();
         let deltas = aggregate(&samples);
         for cube in Cube::ALL {
@@ -678,6 +750,7 @@ mod tests {
                         Cube::User => assert!(has_user && !has_route && has_rule),
                         Cube::Org => assert!(!has_user && !has_route && !has_rule),
                         Cube::Route => assert!(!has_user && has_route && k.decision.is_empty()),
+                        Cube::Custom => unreachable!("not a projection"),
                     }
                 }
             }
@@ -692,6 +765,36 @@ mod tests {
             .find(|d| d.0.cube == Cube::Full && d.0.rule.is_empty())
             .unwrap();
         assert_eq!(full.1, hash_before_rules(&full.0));
+    }
+
+    #[test]
+    fn only_declared_dimensions_reach_the_custom_cube() {
+        let mut e = event(Verdict::Allowed, None);
+        e.dimensions.insert("model".into(), "small".into());
+        e.dimensions.insert("session".into(), "s1".into());
+        let declared = ["model".to_owned(), "feature".to_owned()];
+        assert_eq!(
+            rolled_dimensions(&e, &declared).as_deref(),
+            Some(r#"{"model":"small"}"#)
+        );
+        assert_eq!(rolled_dimensions(&e, &[]), None);
+        let deltas = aggregate(&[Sample::of(&e, &declared)]);
+        let custom: Vec<_> = deltas
+            .iter()
+            .filter(|(k, _, _)| k.cube == Cube::Custom)
+            .collect();
+        // Hour, day and week; no minute.
+        assert_eq!(custom.len(), 3);
+        for (k, h, d) in custom {
+            assert_eq!(
+                (k.dimension.as_str(), k.dimension_value.as_str()),
+                ("model", "small")
+            );
+            assert!(k.user.is_empty() && k.route.is_empty() && k.decision.is_empty());
+            assert_ne!(k.granularity, Granularity::Minute);
+            assert_eq!(d.calls, 1);
+            assert_eq!(*h, k.hash());
+        }
     }
 
     #[test]
@@ -717,7 +820,7 @@ mod tests {
     fn a_delta_adds_its_latencies_to_the_stored_sketch_and_only_where_one_is_kept() {
         let samples: Vec<Sample> = [event(Verdict::Allowed, None), event(Verdict::Allowed, None)]
             .iter()
-            .map(Sample::of)
+            .map(|e| Sample::of(e, &[]))
             .collect();
         let deltas = aggregate(&samples);
         for (k, _, d) in &deltas {

@@ -79,7 +79,7 @@ async fn db() -> Db {
     let storage = Storage::connect(&db.url, 2).await.unwrap();
     storage.migrate().await.unwrap();
     let stored = storage
-        .write_events(&events, chrono::Utc::now())
+        .write_events(&events, chrono::Utc::now(), &[])
         .await
         .unwrap();
     assert!(stored.iter().all(|s| *s), "every event is new: {stored:?}");

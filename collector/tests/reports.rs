@@ -1063,8 +1063,130 @@ async fn limits_by_rule_and_caller(backend: Backend) {
     assert_eq!(got, callers);
 }
 
+/// A policy declaring `model` as a custom dimension; the fixture with a `model` on two events
+/// in three and an undeclared `session` on every one.
+async fn with_models(backend: Backend) -> (TestApp, Vec<UsageEvent>, String) {
+    let policy = PolicyFile::from_json(r#"{"version":1,"dimensions":["model"]}"#).unwrap();
+    let app = spawn_app_with(backend, Limits::default(), Some(policy)).await;
+    let now = Utc::now();
+    let mut events = fixture(now);
+    for (i, e) in events.iter_mut().enumerate() {
+        if i % 3 != 0 {
+            let model = if i % 3 == 1 { "small" } else { "large" };
+            e.dimensions.insert("model".into(), model.into());
+        }
+        e.dimensions.insert("session".into(), format!("s{i}"));
+    }
+    let r = app.ingest(&app.admin, &events).await;
+    assert_eq!(r.json()["accepted"], events.len() as i64, "{}", r.text());
+    app.settle().await;
+    let to = now.duration_trunc(Duration::hours(1)).unwrap() + Duration::hours(1);
+    let from = to - Duration::days(14);
+    let range = format!(
+        "from={}&to={}",
+        from.format("%Y-%m-%dT%H:%M:%SZ"),
+        to.format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    (app, events, range)
+}
+
+async fn group_by_a_declared_custom_dimension(backend: Backend) {
+    let (app, events, range) = with_models(backend).await;
+    let model = |e: &UsageEvent| e.dimensions.get("model").cloned();
+
+    // One org, by model: only events that carry one; totals still count every event.
+    let r = app
+        .get(
+            &format!("/v1/reports/overview?org=acme&{range}&group_by=model"),
+            &app.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["group_by"], serde_json::json!(["model"]));
+    let mut total = Expect::default();
+    let mut by_model: BTreeMap<String, Expect> = BTreeMap::new();
+    for e in of_org(&events, "acme") {
+        total.add(e);
+        if let Some(m) = model(e) {
+            by_model.entry(m).or_default().add(e);
+        }
+    }
+    total.check(&body, "acme total");
+    let rows = body["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{body}");
+    for row in rows {
+        let m = row["dimensions"]["model"].as_str().unwrap();
+        by_model[m].check(row, m);
+    }
+
+    // Every org, by org and model.
+    let r = app
+        .get(
+            &format!("/v1/reports/overview?{range}&group_by=org,model&limit=1000"),
+            &app.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let mut by: BTreeMap<(String, String), Expect> = BTreeMap::new();
+    for e in &events {
+        if let Some(m) = model(e) {
+            by.entry((e.org.to_string(), m)).or_default().add(e);
+        }
+    }
+    let body = r.json();
+    assert_eq!(body["rows"].as_array().unwrap().len(), by.len());
+    for row in body["rows"].as_array().unwrap() {
+        let key = (
+            row["dimensions"]["org"].as_str().unwrap().to_owned(),
+            row["dimensions"]["model"].as_str().unwrap().to_owned(),
+        );
+        by[&key].check(row, &format!("{key:?}"));
+    }
+
+    // A day series by model adds up to the same calls per model.
+    let r = app
+        .get(
+            &format!("/v1/reports/timeseries?org=acme&{range}&interval=day&group_by=model"),
+            &app.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let mut calls: BTreeMap<String, i64> = BTreeMap::new();
+    for row in r.json()["rows"].as_array().unwrap() {
+        *calls
+            .entry(row["dimensions"]["model"].as_str().unwrap().to_owned())
+            .or_default() += row["calls"].as_i64().unwrap();
+    }
+    let expected: BTreeMap<String, i64> =
+        by_model.iter().map(|(m, x)| (m.clone(), x.calls)).collect();
+    assert_eq!(calls, expected);
+
+    // An undeclared dimension, a mix the rollups do not keep, and minutes: 400, named.
+    for (report, query, param) in [
+        ("overview", "group_by=session", "group_by"),
+        ("overview", "group_by=model,route", "group_by"),
+        ("timeseries", "group_by=model&interval=minute", "interval"),
+    ] {
+        let r = app
+            .get(&format!("/v1/reports/{report}?{query}"), &app.admin)
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{report}?{query}");
+        let message = r.json()["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(param), "{report}?{query}: {message}");
+    }
+    // Without a policy declaring it, `model` is unknown.
+    let plain = spawn_app(backend).await;
+    let r = plain
+        .get("/v1/reports/overview?group_by=model", &plain.admin)
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["message"].as_str().unwrap().contains("none"));
+}
+
 backend_tests!(
     limits_by_rule_and_caller,
+    group_by_a_declared_custom_dimension,
     export_streams_events_and_rollups,
     export_csv_is_formula_safe,
     quotas_against_plan_limits,

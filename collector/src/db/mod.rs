@@ -292,14 +292,18 @@ impl Storage {
     /// Writes events (distinct ids) in one transaction, queueing the new ones for the rollups in
     /// the same transaction. Returns, per event, whether it was new (true) or already stored
     /// (false).
+    ///
+    /// `rolled` names the custom dimensions the rollups keep (the policy's `dimensions`); the
+    /// queue carries those an event has.
     pub async fn write_events(
         &self,
         events: &[UsageEvent],
         received_at: DateTime<Utc>,
+        rolled: &[String],
     ) -> Result<Vec<bool>, DbError> {
         match self {
-            Storage::Sqlite(pool) => sqlite::write_events(pool, events, received_at).await,
-            Storage::Postgres(pg) => pg.write_events(events, received_at).await,
+            Storage::Sqlite(pool) => sqlite::write_events(pool, events, received_at, rolled).await,
+            Storage::Postgres(pg) => pg.write_events(events, received_at, rolled).await,
         }
     }
 

@@ -188,6 +188,7 @@ impl PgStore {
         &self,
         events: &[UsageEvent],
         received_at: DateTime<Utc>,
+        rolled: &[String],
     ) -> Result<Vec<bool>, DbError> {
         self.ensure_partitions(events.iter().map(|e| day_of(e.timestamp)))
             .await?;
@@ -235,14 +236,18 @@ impl PgStore {
             "WITH ins AS (INSERT INTO events ({EVENT_COLUMNS}) \
              SELECT {EVENT_COLUMNS} FROM staging_events ON CONFLICT DO NOTHING \
              RETURNING id, ts, org, user_id, route, method, status, decision, rule, latency_us, \
-             request_bytes, response_bytes, cost), \
+             request_bytes, response_bytes, cost, dimensions), \
              q AS (INSERT INTO rollup_queue (ts, org, user_id, route, method, status, decision, \
-             rule, latency_us, request_bytes, response_bytes, cost) \
+             rule, latency_us, request_bytes, response_bytes, cost, dimensions) \
              SELECT floor(extract(epoch FROM ts))::bigint, org, coalesce(user_id, ''), route, \
              method, status, decision, coalesce(rule, ''), latency_us, request_bytes, \
-             response_bytes, cost FROM ins) \
+             response_bytes, cost, \
+             (SELECT CAST(jsonb_object_agg(d.key, d.value) AS TEXT) \
+              FROM jsonb_each_text(ins.dimensions) AS d WHERE d.key = ANY($1::text[])) \
+             FROM ins) \
              SELECT id FROM ins"
         ))
+        .bind(rolled)
         .fetch_all(&mut *tx)
         .await?;
         let inserted: HashSet<Uuid> = ids.into_iter().map(|(id,)| id).collect();
@@ -258,7 +263,7 @@ impl PgStore {
             "DELETE FROM rollup_queue WHERE seq IN (SELECT seq FROM rollup_queue ORDER BY seq \
              LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING ts, org, user_id, route, method, \
              CAST(status AS BIGINT) AS status, decision, rule, latency_us, request_bytes, \
-             response_bytes, cost",
+             response_bytes, cost, dimensions",
         )
         .bind(max.min(i64::MAX as usize) as i64)
         .fetch_all(&mut *tx)
@@ -306,10 +311,11 @@ async fn upsert_deltas(
     let inserted: Vec<(String, i64)> = sqlx::query_as(
         "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
          status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
-         latency_sketch, cube) \
+         latency_sketch, cube, dimension, dimension_value) \
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int2[], $4::int8[], $5::text[], \
          $6::text[], $7::text[], $8::int2[], $9::text[], $10::text[], $11::int8[], $12::int8[], \
-         $13::int8[], $14::int8[], $15::int8[], $16::bytea[], $17::int2[]) \
+         $13::int8[], $14::int8[], $15::int8[], $16::bytea[], $17::int2[], $18::text[], \
+         $19::text[]) \
          ON CONFLICT (org, key_hash) DO NOTHING RETURNING org, key_hash",
     )
     .bind(&orgs)
@@ -334,6 +340,8 @@ async fn upsert_deltas(
     .bind(&response_bytes)
     .bind(&own_sketches)
     .bind(deltas.iter().map(|d| d.0.cube.code()).collect::<Vec<_>>())
+    .bind(text(&|k| &k.dimension))
+    .bind(text(&|k| &k.dimension_value))
     .fetch_all(&mut **tx)
     .await?;
     let inserted: HashSet<(String, i64)> = inserted.into_iter().collect();

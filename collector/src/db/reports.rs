@@ -38,6 +38,8 @@ pub enum Column {
     Day,
     /// The rule that limited (or shadow-limited) the requests; '' when none.
     Rule,
+    /// The value of the custom dimension [`Aggregate::dimension`] names.
+    Dimension,
 }
 
 impl Column {
@@ -56,6 +58,7 @@ impl Column {
             Column::Weekday => "CAST(((bucket / 86400) + 3) % 7 AS BIGINT)",
             Column::Day => "CAST((bucket / 86400) * 86400 AS BIGINT)",
             Column::Rule => "rule",
+            Column::Dimension => "dimension_value",
         }
     }
 
@@ -70,6 +73,7 @@ impl Column {
             Column::StatusClass => "status_class",
             Column::Decision => "decision",
             Column::Rule => "rule",
+            Column::Dimension => "dimension_value",
         }
     }
 
@@ -82,6 +86,7 @@ impl Column {
                 | Column::Method
                 | Column::Decision
                 | Column::Rule
+                | Column::Dimension
         )
     }
 }
@@ -201,6 +206,10 @@ pub struct Aggregate<'a> {
     /// Count distinct users per group ([`Totals::users`]; 0 otherwise). It needs the user
     /// dimension, so it can make the query read a larger cube.
     pub count_users: bool,
+    /// A custom dimension the policy declares: the query reads its rows of the custom cube,
+    /// and [`Column::Dimension`] groups by its value. The only other column it can group by is
+    /// the org (and time).
+    pub dimension: Option<&'a str>,
 }
 
 /// A summed counter a report can sort by.
@@ -236,6 +245,9 @@ impl Aggregate<'_> {
     /// The narrowest cube holding every dimension this query groups or filters by (with a
     /// latency sketch, when `sketch`).
     fn cube(&self, sketch: bool) -> Cube {
+        if self.dimension.is_some() {
+            return Cube::Custom;
+        }
         let mut need: Vec<Column> = self.group.to_vec();
         // Sketch queries never count users.
         if self.with_user || (self.count_users && !sketch) {
@@ -292,6 +304,10 @@ impl Aggregate<'_> {
         if self.org.is_some() {
             n += 1;
             common.push_str(&format!(" AND org = ${n}"));
+        }
+        if self.dimension.is_some() {
+            n += 1;
+            common.push_str(&format!(" AND dimension = ${n}"));
         }
         if self.not_allowed {
             common.push_str(" AND decision <> 'allowed'");
@@ -367,6 +383,9 @@ macro_rules! fetch {
         let mut q = sqlx::query($sql);
         if let Some(org) = $agg.org {
             q = q.bind(org);
+        }
+        if let Some(dimension) = $agg.dimension {
+            q = q.bind(dimension);
         }
         for b in $binds {
             q = q.bind(b);

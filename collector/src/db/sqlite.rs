@@ -17,8 +17,8 @@ const COLUMNS: &str = "INSERT INTO events (id, ts, org, user_id, plan, method, r
     latency_us, request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, \
     metrics, fingerprint, received_at) ";
 const QUEUE_COLUMNS: &str = "INSERT INTO rollup_queue (ts, org, user_id, route, method, \
-    status, decision, rule, latency_us, request_bytes, response_bytes, cost) ";
-/// 12 columns × 2,000 rows stays under SQLite's 32,766 bound parameters.
+    status, decision, rule, latency_us, request_bytes, response_bytes, cost, dimensions) ";
+/// 13 columns × 2,000 rows stays under SQLite's 32,766 bound parameters.
 const QUEUE_ROWS_PER_STATEMENT: usize = 2_000;
 
 /// Rows per statement: 20 columns × 1,000 rows stays under SQLite's 32,766 bound parameters,
@@ -29,6 +29,7 @@ pub(super) async fn write_events(
     pool: &SqlitePool,
     events: &[UsageEvent],
     received_at: DateTime<Utc>,
+    rolled: &[String],
 ) -> Result<Vec<bool>, DbError> {
     let received = received_at.timestamp();
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -94,7 +95,8 @@ pub(super) async fn write_events(
                 .push_bind(e.latency_us as i64)
                 .push_bind(e.request_bytes as i64)
                 .push_bind(e.response_bytes as i64)
-                .push_bind(e.cost as i64);
+                .push_bind(e.cost as i64)
+                .push_bind(rollup::rolled_dimensions(e, rolled));
         });
         qb.build().execute(&mut *tx).await?;
     }
@@ -115,7 +117,7 @@ struct Queued {
 /// file is served by one collector process (the CLI never folds), so a process-wide lock does.
 static FOLD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Rollup rows per statement of the fold: 17 columns × 1,000 rows stays under SQLite's 32,766
+/// Rollup rows per statement of the fold: 19 columns × 1,000 rows stays under SQLite's 32,766
 /// bound parameters (and 6 × 1,000 for the sketch reads).
 const FOLD_ROWS_PER_STATEMENT: usize = 1_000;
 
@@ -131,7 +133,8 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
     let mut conn = pool.acquire().await?;
     let rows: Vec<Queued> = sqlx::query_as(
         "SELECT seq, ts, org, user_id, route, method, status, decision, rule, latency_us, \
-         request_bytes, response_bytes, cost FROM rollup_queue ORDER BY seq LIMIT $1",
+         request_bytes, response_bytes, cost, dimensions FROM rollup_queue ORDER BY seq \
+         LIMIT $1",
     )
     .bind(max.min(i64::MAX as usize) as i64)
     .fetch_all(&mut *conn)
@@ -187,8 +190,8 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
     for chunk in rows.chunks(FOLD_ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, \
-             method, status_class, decision, rule, calls, errors, cost, request_bytes, \
-             response_bytes, latency_sketch) ",
+             method, status_class, decision, rule, dimension, dimension_value, calls, errors, \
+             cost, request_bytes, response_bytes, latency_sketch) ",
         );
         q.push_values(chunk, |mut b, &i| {
             let (key, hash, delta) = &deltas[i];
@@ -203,6 +206,8 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
                 .push_bind(key.status_class)
                 .push_bind(key.decision.as_str())
                 .push_bind(key.rule.as_str())
+                .push_bind(key.dimension.as_str())
+                .push_bind(key.dimension_value.as_str())
                 .push_bind(delta.calls)
                 .push_bind(delta.errors)
                 .push_bind(delta.cost)

@@ -61,14 +61,17 @@ impl Writer {
     /// Starts `committers` committer tasks (1 for SQLite, whose writes serialise anyway; 2 or
     /// more let PostgreSQL overlap one group's COPY with another's commit) and the rollup
     /// folder. The join handle completes once every [`Writer`] clone is dropped, the queue is
-    /// drained and the last events are folded.
+    /// drained and the last events are folded. `rolled` names the custom dimensions the
+    /// rollups keep.
     pub fn spawn(
         storage: Storage,
         metrics: Arc<Metrics>,
         max_queued_events: usize,
         max_group_events: usize,
         committers: usize,
+        rolled: Vec<String>,
     ) -> (Self, JoinHandle<()>) {
+        let rolled: Arc<[String]> = rolled.into();
         let signal = Arc::new(FoldSignal::default());
         let folder = rollup_worker::spawn(storage.clone(), metrics.clone(), signal.clone());
         let (tx, rx) = mpsc::unbounded_channel();
@@ -81,6 +84,7 @@ impl Writer {
                     metrics.clone(),
                     signal.clone(),
                     max_group_events,
+                    rolled.clone(),
                 ))
             })
             .collect();
@@ -134,6 +138,7 @@ async fn committer(
     metrics: Arc<Metrics>,
     signal: Arc<FoldSignal>,
     max_group_events: usize,
+    rolled: Arc<[String]>,
 ) {
     loop {
         let jobs = {
@@ -154,7 +159,7 @@ async fn committer(
             }
             jobs
         };
-        commit(&storage, &metrics, jobs).await;
+        commit(&storage, &metrics, jobs, &rolled).await;
         signal.poke();
     }
 }
@@ -165,7 +170,7 @@ fn is_retryable(e: &DbError) -> bool {
         if matches!(d.code().as_deref(), Some("40P01") | Some("40001")))
 }
 
-async fn commit(storage: &Storage, metrics: &Metrics, jobs: Vec<Job>) {
+async fn commit(storage: &Storage, metrics: &Metrics, jobs: Vec<Job>, rolled: &[String]) {
     let started = Instant::now();
     // Within the group the first occurrence of an id is the one written; later ones are
     // duplicates without asking the database.
@@ -188,7 +193,7 @@ async fn commit(storage: &Storage, metrics: &Metrics, jobs: Vec<Job>) {
     }
     let mut attempt = 0;
     let result = loop {
-        match storage.write_events(&unique, Utc::now()).await {
+        match storage.write_events(&unique, Utc::now(), rolled).await {
             Err(e) if attempt < 3 && is_retryable(&e) => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(5 * attempt)).await;

@@ -65,6 +65,11 @@ pub struct ReportCtx<'a> {
 }
 
 impl ReportCtx<'_> {
+    /// The custom dimensions the policy declares for the rollups (none without a policy).
+    pub fn declared_dimensions(&self) -> &[String] {
+        self.policy.map_or(&[], |p| p.dimensions.as_slice())
+    }
+
     /// `[from, to)` (whole hours) as the segments of rollup buckets a report reads: the
     /// coarsest whose rows are complete there.
     pub async fn tile(&self, from: i64, to: i64) -> Result<Vec<Segment>, ReportError> {
@@ -161,15 +166,29 @@ pub fn column_name(c: Column) -> &'static str {
         Column::Weekday => "weekday",
         Column::Day => "day",
         Column::Rule => "rule",
+        Column::Dimension => "dimension",
+    }
+}
+
+/// A group column's name in a report: the custom dimension's own name for
+/// [`Column::Dimension`].
+pub fn label(c: Column, custom: Option<&str>) -> &str {
+    match (c, custom) {
+        (Column::Dimension, Some(name)) => name,
+        _ => column_name(c),
     }
 }
 
 /// A group's values by dimension name, as reports show them.
-pub fn dimensions(columns: &[Column], key: &[Value]) -> BTreeMap<String, String> {
+pub fn dimensions(
+    columns: &[Column],
+    key: &[Value],
+    custom: Option<&str>,
+) -> BTreeMap<String, String> {
     columns
         .iter()
         .zip(key)
-        .map(|(c, v)| (column_name(*c).to_owned(), v.text()))
+        .map(|(c, v)| (label(*c, custom).to_owned(), v.text()))
         .collect()
 }
 

@@ -197,7 +197,18 @@ impl ReportQuery {
 
     /// `group_by`, each dimension once, in the order given.
     pub fn group_by(&self) -> Result<Vec<Column>, ReportError> {
+        Ok(self.group_by_declared(&[])?.0)
+    }
+
+    /// `group_by` where the policy `declared` custom dimensions: the built-in columns, and the
+    /// custom dimension named (as [`Column::Dimension`]) if any. A custom dimension groups
+    /// alone or with the org: the custom cube keeps nothing else.
+    pub fn group_by_declared(
+        &self,
+        declared: &[String],
+    ) -> Result<(Vec<Column>, Option<String>), ReportError> {
         let mut out = Vec::new();
+        let mut custom: Option<String> = None;
         for part in self
             .group_by
             .as_deref()
@@ -213,21 +224,51 @@ impl ReportQuery {
                 "method" => Column::Method,
                 "status_class" => Column::StatusClass,
                 "decision" => Column::Decision,
+                name if declared.iter().any(|d| d == name) => {
+                    if custom.as_deref().is_some_and(|c| c != name) {
+                        return Err(bad(
+                            "group_by",
+                            "at most one custom dimension per report".to_owned(),
+                        ));
+                    }
+                    custom = Some(name.to_owned());
+                    Column::Dimension
+                }
                 other => {
+                    let declared = if declared.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        declared.join(", ")
+                    };
                     return Err(bad(
                         "group_by",
                         format!(
                             "unknown dimension '{other}' (org, user, route, method, \
-                             status_class, decision)"
+                             status_class, decision; custom ones the policy declares: \
+                             {declared})"
                         ),
-                    ))
+                    ));
                 }
             };
             if !out.contains(&c) {
                 out.push(c);
             }
         }
-        Ok(out)
+        if let Some(name) = &custom {
+            if out
+                .iter()
+                .any(|c| !matches!(c, Column::Org | Column::Dimension))
+            {
+                return Err(bad(
+                    "group_by",
+                    format!(
+                        "a custom dimension ('{name}') groups alone or with org: the rollups \
+                         keep it by org only"
+                    ),
+                ));
+            }
+        }
+        Ok((out, custom))
     }
 
     /// Refuses parameters this report does not read, so a typo is not silently ignored.

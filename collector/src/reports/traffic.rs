@@ -6,10 +6,11 @@ use chrono::{DateTime, Utc};
 
 use super::params::{series_range, to_time};
 use super::{
-    column_name, dimensions, users_countable, Cell, ReportCtx, ReportError, ReportQuery, Table,
-    Tabular, Usage,
+    dimensions, label, users_countable, Cell, ReportCtx, ReportError, ReportQuery, Table, Tabular,
+    Usage,
 };
 use crate::db::reports::{Aggregate, Column, Measure, Segment, Value};
+use crate::rollup::Cube;
 
 /// Counters of one group.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -69,7 +70,7 @@ pub async fn overview(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Overview, R
     q.only(&["from", "to", "days", "limit", "group_by", "format"])?;
     let range = q.range(ctx.now)?;
     let limit = q.limit(100)?;
-    let mut group = q.group_by()?;
+    let (mut group, custom) = q.group_by_declared(ctx.declared_dimensions())?;
     if group.is_empty() {
         group.push(Column::Route);
     }
@@ -93,6 +94,7 @@ pub async fn overview(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Overview, R
             group: &group,
             top: Some((Measure::Calls, limit)),
             count_users,
+            dimension: custom.as_deref(),
             ..Aggregate::default()
         })
         .await?;
@@ -104,11 +106,14 @@ pub async fn overview(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Overview, R
             .first()
             .map(|t| Usage::of(t, true))
             .unwrap_or_default(),
-        group_by: group.iter().map(|c| column_name(*c).to_owned()).collect(),
+        group_by: group
+            .iter()
+            .map(|c| label(*c, custom.as_deref()).to_owned())
+            .collect(),
         rows: rows
             .iter()
             .map(|t| UsageRow {
-                dimensions: dimensions(&group, &t.key),
+                dimensions: dimensions(&group, &t.key, custom.as_deref()),
                 usage: Usage::of(t, count_users),
             })
             .collect(),
@@ -175,7 +180,18 @@ pub async fn timeseries(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Timeserie
     ])?;
     let interval = q.interval()?;
     let range = series_range(q.range(ctx.now)?, interval)?;
-    let group = q.group_by()?;
+    let (group, custom) = q.group_by_declared(ctx.declared_dimensions())?;
+    if let Some(name) = &custom {
+        if !Cube::Custom.has(interval) {
+            return Err(ReportError::BadParam {
+                param: "interval",
+                message: format!(
+                    "a series by the custom dimension '{name}' is kept by hour, day and week, \
+                     not by minute"
+                ),
+            });
+        }
+    }
     let limit = q.limit(10)?;
     let segments = Segment::single(interval, range.from, range.to);
     // The busiest `limit` groups over the whole range choose the series.
@@ -190,6 +206,7 @@ pub async fn timeseries(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Timeserie
                 segments: &ctx.tile(range.from, range.to).await?,
                 group: &group,
                 top: Some((Measure::Calls, limit)),
+                dimension: custom.as_deref(),
                 ..Aggregate::default()
             })
             .await?;
@@ -205,6 +222,7 @@ pub async fn timeseries(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Timeserie
             org: ctx.org,
             segments: &segments,
             group: &columns,
+            dimension: custom.as_deref(),
             ..Aggregate::default()
         })
         .await?;
@@ -213,13 +231,16 @@ pub async fn timeseries(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Timeserie
         interval,
         from: to_time(range.from),
         to: to_time(range.to),
-        group_by: group.iter().map(|c| column_name(*c).to_owned()).collect(),
+        group_by: group
+            .iter()
+            .map(|c| label(*c, custom.as_deref()).to_owned())
+            .collect(),
         rows: rows
             .iter()
             .filter(|t| keep.as_ref().is_none_or(|k| k.contains(&t.key[1..])))
             .map(|t| TimeseriesRow {
                 bucket: to_time(t.key[0].int()),
-                dimensions: dimensions(&group, &t.key[1..]),
+                dimensions: dimensions(&group, &t.key[1..], custom.as_deref()),
                 usage: Usage::of(t, false),
             })
             .collect(),
@@ -335,7 +356,7 @@ pub async fn top(ctx: ReportCtx<'_>, q: &ReportQuery) -> Result<Top, ReportError
             .enumerate()
             .map(|(i, t)| TopRow {
                 rank: i + 1,
-                dimensions: dimensions(group, &t.key),
+                dimensions: dimensions(group, &t.key, None),
                 usage: Usage::of(t, dimension == "orgs"),
             })
             .collect(),
