@@ -114,6 +114,8 @@ pub enum Cube {
     Org,
     /// By route: org, route, method — with the latency sketch, for endpoint percentiles.
     Route,
+    /// By route and caller: org, route, method, user — what counts distinct users per route.
+    RouteUser,
     /// By one custom dimension the policy declares: org, dimension name and value. Not a
     /// projection of the key: an event has a row here per declared dimension it carries.
     Custom,
@@ -122,12 +124,13 @@ pub enum Cube {
 impl Cube {
     /// The projections of the key: each event folds into all of them (and into
     /// [`Cube::Custom`] once per declared dimension it carries).
-    pub const ALL: [Cube; 5] = [
+    pub const ALL: [Cube; 6] = [
         Cube::Full,
         Cube::Endpoint,
         Cube::User,
         Cube::Org,
         Cube::Route,
+        Cube::RouteUser,
     ];
 
     /// As stored.
@@ -139,6 +142,7 @@ impl Cube {
             Cube::Org => 3,
             Cube::Route => 4,
             Cube::Custom => 5,
+            Cube::RouteUser => 6,
         }
     }
 
@@ -153,7 +157,11 @@ impl Cube {
     /// fold's writes, and what reads minutes (the realtime report, minute series) groups by org,
     /// user, status or decision. A minute query by route reads the full cube.
     pub fn has(self, g: Granularity) -> bool {
-        g != Granularity::Minute || !matches!(self, Cube::Endpoint | Cube::Route | Cube::Custom)
+        g != Granularity::Minute
+            || !matches!(
+                self,
+                Cube::Endpoint | Cube::Route | Cube::Custom | Cube::RouteUser
+            )
     }
 
     /// The full key projected onto this cube: the dimensions it drops emptied.
@@ -165,6 +173,7 @@ impl Cube {
             Cube::Org => (false, false, true, false),
             Cube::Route => (false, true, false, false),
             Cube::Custom => (false, false, false, false),
+            Cube::RouteUser => (true, true, false, false),
         };
         if !user {
             key.user = "";
@@ -750,6 +759,7 @@ mod tests {
                         Cube::User => assert!(has_user && !has_route && has_rule),
                         Cube::Org => assert!(!has_user && !has_route && !has_rule),
                         Cube::Route => assert!(!has_user && has_route && k.decision.is_empty()),
+                        Cube::RouteUser => assert!(has_route && k.decision.is_empty()),
                         Cube::Custom => unreachable!("not a projection"),
                     }
                 }

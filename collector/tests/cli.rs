@@ -95,7 +95,7 @@ async fn report_overview_in_every_format() {
         let json = ok(
             &db,
             &[
-                "report", "overview", "--org", "acme", "--days", "1", "--format", "json",
+                "report", "overview", "--org", "acme", "--days", "2", "--format", "json",
             ],
         );
         let doc: serde_json::Value =
@@ -116,7 +116,7 @@ async fn report_overview_in_every_format() {
         let csv = ok(
             &db,
             &[
-                "report", "overview", "--org", "acme", "--days", "1", "--format", "csv",
+                "report", "overview", "--org", "acme", "--days", "2", "--format", "csv",
             ],
         );
         let lines: Vec<&str> = csv.lines().collect();
@@ -124,8 +124,8 @@ async fn report_overview_in_every_format() {
             lines,
             [
                 "route,calls,errors,error_rate,cost,cost_per_call,unique_users",
-                "/v1/items/{id},5,1,0.2000,5,1.0000,",
-                "/v1/search,3,0,0.0000,3,1.0000,",
+                "/v1/items/{id},5,1,0.2000,5,1.0000,1",
+                "/v1/search,3,0,0.0000,3,1.0000,1",
             ],
             "{csv}"
         );
@@ -133,9 +133,9 @@ async fn report_overview_in_every_format() {
         // `table` is the default format.
         for args in [
             &[
-                "report", "overview", "--org", "acme", "--days", "1", "--format", "table",
+                "report", "overview", "--org", "acme", "--days", "2", "--format", "table",
             ][..],
-            &["report", "overview", "--org", "acme", "--days", "1"][..],
+            &["report", "overview", "--org", "acme", "--days", "2"][..],
         ] {
             let text = ok(&db, args);
             let mut lines = text.lines();

@@ -268,7 +268,7 @@ impl Aggregate<'_> {
                 ) || keeps.contains(c)
             })
         };
-        let candidates: [(Cube, &[Column]); 4] = [
+        let candidates: [(Cube, &[Column]); 5] = [
             (Cube::Org, &[Column::StatusClass, Column::Decision]),
             (Cube::Route, &[Column::Route, Column::Method]),
             (
@@ -282,6 +282,10 @@ impl Aggregate<'_> {
                 ],
             ),
             (Cube::User, &[Column::User, Column::Decision, Column::Rule]),
+            (
+                Cube::RouteUser,
+                &[Column::Route, Column::Method, Column::User],
+            ),
         ];
         candidates
             .into_iter()
@@ -563,7 +567,14 @@ mod tests {
             Cube::Endpoint
         );
         assert_eq!(q(&[Column::Org, Column::User]).cube(false), Cube::User);
-        assert_eq!(q(&[Column::User, Column::Route]).cube(false), Cube::Full);
+        assert_eq!(
+            q(&[Column::User, Column::Route]).cube(false),
+            Cube::RouteUser
+        );
+        assert_eq!(
+            q(&[Column::User, Column::StatusClass]).cube(false),
+            Cube::Full
+        );
         // Counting users needs the user; filtering served requests needs the decision.
         let users = Aggregate {
             count_users: true,

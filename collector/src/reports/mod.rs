@@ -246,19 +246,18 @@ pub async fn run_named(
 }
 
 /// Whether distinct users are counted for groups of `columns`: when the by-user cube (org, user,
-/// decision, rule) holds every one of them, so counting reads one row per user and bucket.
+/// decision, rule) or the by-route-and-user cube (org, route, method, user) holds every one of
+/// them, so counting reads about one row per user (and route) and bucket.
 pub fn users_countable(columns: &[Column]) -> bool {
-    columns.iter().all(|c| {
-        matches!(
-            c,
-            Column::Org
-                | Column::User
-                | Column::Decision
-                | Column::Rule
-                | Column::Bucket
-                | Column::Day
-                | Column::HourOfDay
-                | Column::Weekday
-        )
-    })
+    let within = |keeps: &[Column]| {
+        columns.iter().all(|c| {
+            matches!(
+                c,
+                Column::Org | Column::Bucket | Column::Day | Column::HourOfDay | Column::Weekday
+            ) || keeps.contains(c)
+        })
+    };
+    // The by-user cube and the by-route-and-user cube; anything else would read the full one.
+    within(&[Column::User, Column::Decision, Column::Rule])
+        || within(&[Column::User, Column::Route, Column::Method])
 }
