@@ -108,17 +108,23 @@ async fn loaded(backend: Backend) -> (TestApp, Vec<UsageEvent>, String) {
     let app = spawn_app(backend).await;
     let now = Utc::now();
     let events = fixture(now);
-    let r = app.ingest(&app.admin, &events).await;
+    let range = ingest_and_range(&app, &events, now).await;
+    (app, events, range)
+}
+
+/// Ingests `events`, waits for the fold, and gives the 14-day range (to the end of the hour of
+/// `now`) as a query part.
+async fn ingest_and_range(app: &TestApp, events: &[UsageEvent], now: DateTime<Utc>) -> String {
+    let r = app.ingest(&app.admin, events).await;
     assert_eq!(r.json()["accepted"], events.len() as i64, "{}", r.text());
     app.settle().await;
     let to = now.duration_trunc(Duration::hours(1)).unwrap() + Duration::hours(1);
     let from = to - Duration::days(14);
-    let range = format!(
+    format!(
         "from={}&to={}",
         from.format("%Y-%m-%dT%H:%M:%SZ"),
         to.format("%Y-%m-%dT%H:%M:%SZ")
-    );
-    (app, events, range)
+    )
 }
 
 fn of_org<'a>(events: &'a [UsageEvent], org: &'a str) -> impl Iterator<Item = &'a UsageEvent> {
@@ -1077,16 +1083,7 @@ async fn with_models(backend: Backend) -> (TestApp, Vec<UsageEvent>, String) {
         }
         e.dimensions.insert("session".into(), format!("s{i}"));
     }
-    let r = app.ingest(&app.admin, &events).await;
-    assert_eq!(r.json()["accepted"], events.len() as i64, "{}", r.text());
-    app.settle().await;
-    let to = now.duration_trunc(Duration::hours(1)).unwrap() + Duration::hours(1);
-    let from = to - Duration::days(14);
-    let range = format!(
-        "from={}&to={}",
-        from.format("%Y-%m-%dT%H:%M:%SZ"),
-        to.format("%Y-%m-%dT%H:%M:%SZ")
-    );
+    let range = ingest_and_range(&app, &events, now).await;
     (app, events, range)
 }
 
