@@ -1275,19 +1275,47 @@ impl EngineReport {
     }
 }
 
-/// Connects, migrates and loads `name`'s database (or reuses its cache); writes the cache's
-/// meta file when it loaded.
-#[allow(clippy::too_many_arguments)]
-async fn load_engine(
-    name: &str,
-    url: &str,
-    (cached, resumed): (Option<Meta>, Option<Meta>),
-    meta_path: &Path,
-    workload: &Workload,
+/// One engine's database and its cache: where to connect, what of the cache is usable.
+struct Engine<'a> {
+    name: &'static str,
+    url: String,
+    /// A complete cache, and a stopped load to resume (see `check_cache`).
+    cached: (Option<Meta>, Option<Meta>),
+    meta_path: &'a Path,
+    schema: &'a str,
+}
+
+/// What every engine loads: the same events.
+struct Load<'a> {
+    workload: &'a Workload,
     events: u64,
     end: DateTime<Utc>,
-    schema: &str,
-) -> (Storage, Meta) {
+}
+
+/// Forgets a cache that cannot be used: its meta files, and whatever `remove_data` removes.
+fn clear_unusable(
+    cached: &(Option<Meta>, Option<Meta>),
+    meta_path: &Path,
+    remove_data: impl FnOnce(),
+) {
+    if *cached == (None, None) {
+        let _ = std::fs::remove_file(meta_path);
+        let _ = std::fs::remove_file(partial_path(meta_path));
+        remove_data();
+    }
+}
+
+/// Connects, migrates and loads the engine's database (or reuses its cache); writes the
+/// cache's meta file when it loaded.
+async fn load_engine(engine: &Engine<'_>, load: &Load<'_>) -> (Storage, Meta) {
+    let Engine {
+        name,
+        ref url,
+        ref cached,
+        meta_path,
+        schema,
+    } = *engine;
+    let (cached, resumed) = cached.clone();
     let storage = Storage::connect(url, 16).await.expect("connect");
     storage.migrate().await.expect("migrate");
     let meta = match cached {
@@ -1307,10 +1335,17 @@ async fn load_engine(
             let end = resumed
                 .as_ref()
                 .and_then(|m| DateTime::from_timestamp(m.end, 0))
-                .unwrap_or(end);
+                .unwrap_or(load.end);
             let partial = partial_path(meta_path);
-            let m = load(
-                name, &storage, workload, events, end, schema, resumed, &partial,
+            let m = crate::load(
+                name,
+                &storage,
+                load.workload,
+                load.events,
+                end,
+                schema,
+                resumed,
+                &partial,
             )
             .await;
             m.write(meta_path);
@@ -1321,31 +1356,11 @@ async fn load_engine(
     (storage, meta)
 }
 
-/// Loads (or reuses) the database at `url`, then times every line over HTTP.
-#[allow(clippy::too_many_arguments)]
-async fn run_engine(
-    name: &str,
-    url: &str,
-    (cached, resumed): (Option<Meta>, Option<Meta>),
-    meta_path: &Path,
-    workload: &Workload,
-    events: u64,
-    end: DateTime<Utc>,
-    schema: &str,
-    picks: &Picks,
-) -> EngineReport {
-    let loaded_now = cached.is_none();
-    let (storage, meta) = load_engine(
-        name,
-        url,
-        (cached, resumed),
-        meta_path,
-        workload,
-        events,
-        end,
-        schema,
-    )
-    .await;
+/// Loads (or reuses) the engine's database, then times every line over HTTP.
+async fn run_engine(engine: &Engine<'_>, load: &Load<'_>, picks: &Picks) -> EngineReport {
+    let name = engine.name;
+    let loaded_now = engine.cached.0.is_none();
+    let (storage, meta) = load_engine(engine, load).await;
     // Counting rows scans most of a 10M-event database (minutes); it can be skipped.
     let count = std::env::var_os("TOLLGATE_BENCH_REPORTS_SKIP_COUNTS").is_none();
     let rows = if count {
@@ -1599,47 +1614,49 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.spawn(stop_on_signal());
+    let load = Load {
+        workload: &workload,
+        events,
+        end,
+    };
+    let sqlite = Engine {
+        name: "sqlite",
+        url: format!("sqlite://{}", sqlite_db.display()),
+        cached: sqlite_cached,
+        meta_path: &sqlite_meta,
+        schema: &sqlite_schema,
+    };
+    let clear_sqlite = || {
+        clear_unusable(&sqlite.cached, &sqlite_meta, || {
+            remove_sqlite_files(&sqlite_db)
+        })
+    };
+    // PostgreSQL's data directory is reused or re-initialised by `Pg::start`.
+    let pg_reuse = pg_cached != (None, None);
+    let start_pg = || {
+        clear_unusable(&pg_cached, &pg_meta, || {});
+        Pg::start(&pg_dir, pg_reuse)
+    };
+    let postgres = |pg: &Pg| Engine {
+        name: "postgres",
+        url: pg.url(),
+        cached: pg_cached.clone(),
+        meta_path: &pg_meta,
+        schema: &pg_schema,
+    };
     // Load one engine's cache and stop: the two loads can then run side by side (in two
     // processes, the second started once the first has written its partial meta, so both use
     // the same end time), and a later run measures both from the caches.
-    if let Ok(engine) = std::env::var("TOLLGATE_BENCH_REPORTS_LOAD_ONLY") {
+    if let Ok(only) = std::env::var("TOLLGATE_BENCH_REPORTS_LOAD_ONLY") {
         runtime.block_on(async {
-            match engine.as_str() {
+            match only.as_str() {
                 "sqlite" => {
-                    if sqlite_cached == (None, None) {
-                        let _ = std::fs::remove_file(&sqlite_meta);
-                        remove_sqlite_files(&sqlite_db);
-                    }
-                    let url = format!("sqlite://{}", sqlite_db.display());
-                    load_engine(
-                        "sqlite",
-                        &url,
-                        sqlite_cached,
-                        &sqlite_meta,
-                        &workload,
-                        events,
-                        end,
-                        &sqlite_schema,
-                    )
-                    .await;
+                    clear_sqlite();
+                    load_engine(&sqlite, &load).await;
                 }
                 "postgres" => {
-                    let reuse = pg_cached != (None, None);
-                    if !reuse {
-                        let _ = std::fs::remove_file(&pg_meta);
-                    }
-                    let pg = Pg::start(&pg_dir, reuse);
-                    load_engine(
-                        "postgres",
-                        &pg.url(),
-                        pg_cached,
-                        &pg_meta,
-                        &workload,
-                        events,
-                        end,
-                        &pg_schema,
-                    )
-                    .await;
+                    let pg = start_pg();
+                    load_engine(&postgres(&pg), &load).await;
                     drop(pg);
                 }
                 other => panic!("TOLLGATE_BENCH_REPORTS_LOAD_ONLY={other}: sqlite or postgres"),
@@ -1648,42 +1665,10 @@ fn main() {
         return;
     }
     let (sqlite, postgres) = runtime.block_on(async {
-        if sqlite_cached == (None, None) {
-            let _ = std::fs::remove_file(&sqlite_meta);
-            let _ = std::fs::remove_file(partial_path(&sqlite_meta));
-            remove_sqlite_files(&sqlite_db);
-        }
-        let sqlite = run_engine(
-            "sqlite",
-            &format!("sqlite://{}", sqlite_db.display()),
-            sqlite_cached,
-            &sqlite_meta,
-            &workload,
-            events,
-            end,
-            &sqlite_schema,
-            &picks,
-        )
-        .await;
-
-        let reuse = pg_cached != (None, None);
-        if !reuse {
-            let _ = std::fs::remove_file(&pg_meta);
-            let _ = std::fs::remove_file(partial_path(&pg_meta));
-        }
-        let pg = Pg::start(&pg_dir, reuse);
-        let postgres = run_engine(
-            "postgres",
-            &pg.url(),
-            pg_cached,
-            &pg_meta,
-            &workload,
-            events,
-            end,
-            &pg_schema,
-            &picks,
-        )
-        .await;
+        clear_sqlite();
+        let sqlite = run_engine(&sqlite, &load, &picks).await;
+        let pg = start_pg();
+        let postgres = run_engine(&postgres(&pg), &load, &picks).await;
         drop(pg);
         (sqlite, postgres)
     });
