@@ -186,15 +186,14 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
         .collect();
 
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let rows: Vec<usize> = (0..deltas.len()).collect();
+    let rows: Vec<_> = deltas.iter().zip(&sketches).collect();
     for chunk in rows.chunks(FOLD_ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, \
              method, status_class, decision, rule, dimension, dimension_value, calls, errors, \
              cost, request_bytes, response_bytes, latency_sketch) ",
         );
-        q.push_values(chunk, |mut b, &i| {
-            let (key, hash, delta) = &deltas[i];
+        q.push_values(chunk, |mut b, &((key, hash, delta), sketch)| {
             b.push_bind(key.cube.code())
                 .push_bind(key.granularity.code())
                 .push_bind(key.bucket)
@@ -213,7 +212,7 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
                 .push_bind(delta.cost)
                 .push_bind(delta.request_bytes)
                 .push_bind(delta.response_bytes)
-                .push_bind(sketches[i].as_deref());
+                .push_bind(sketch.as_deref());
         });
         q.push(
             " ON CONFLICT (org, cube, granularity, bucket, key_hash) DO UPDATE SET \
