@@ -336,17 +336,6 @@ impl Default for RollupValues {
 }
 
 impl RollupValues {
-    /// Adds one event.
-    pub fn record(&mut self, e: &Sample) {
-        self.calls += 1;
-        self.errors += i64::from(is_error(e.status));
-        self.cost = self.cost.saturating_add(e.cost as i64);
-        self.request_bytes = self.request_bytes.saturating_add(e.request_bytes as i64);
-        self.response_bytes = self.response_bytes.saturating_add(e.response_bytes as i64);
-        // Auto-resizing: `record` grows the range (`saturating_record` would clamp to it).
-        let _ = self.sketch.record(e.latency_us);
-    }
-
     /// Adds another aggregate.
     pub fn merge(&mut self, other: &RollupValues) {
         self.calls += other.calls;
