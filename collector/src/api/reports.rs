@@ -157,7 +157,8 @@ pub(super) async fn usage(
     }
     let width = granularity.seconds();
     let from_b = granularity.bucket(from);
-    let to_b = (to.timestamp() + width - 1).div_euclid(width) * width;
+    // Rounded up to a bucket start (weeks start on Mondays, not at the epoch).
+    let to_b = granularity.bucket_of(to.timestamp() + width - 1);
     if (to_b - from_b) / width > MAX_BUCKETS {
         return Err(ApiError::BadRequest(format!(
             "range spans more than {MAX_BUCKETS} buckets: use a coarser granularity"
