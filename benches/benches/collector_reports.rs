@@ -925,7 +925,8 @@ fn cube_name(code: i64) -> String {
         3 => "org".into(),
         4 => "route".into(),
         5 => "custom dimension".into(),
-        6 => "route and user".into(),
+        6 => "route and user (before migration 0006)".into(),
+        7 => "caller".into(),
         n => format!("cube {n}"),
     }
 }

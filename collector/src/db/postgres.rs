@@ -302,6 +302,10 @@ async fn upsert_deltas(
         .iter()
         .map(|(k, _, v)| k.cube.keeps_sketch().then(|| v.sketch_onto(None)))
         .collect();
+    let own_users: Vec<Option<Vec<u8>>> = deltas
+        .iter()
+        .map(|(k, _, v)| k.cube.keeps_users().then(|| v.users_onto(None)))
+        .collect();
     let calls = column(&|d| d.2.calls);
     let errors = column(&|d| d.2.errors);
     let cost = column(&|d| d.2.cost);
@@ -311,11 +315,11 @@ async fn upsert_deltas(
     let inserted: Vec<(String, i64)> = sqlx::query_as(
         "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
          status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
-         latency_sketch, cube, dimension, dimension_value) \
+         latency_sketch, cube, dimension, dimension_value, users_sketch) \
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int2[], $4::int8[], $5::text[], \
          $6::text[], $7::text[], $8::int2[], $9::text[], $10::text[], $11::int8[], $12::int8[], \
          $13::int8[], $14::int8[], $15::int8[], $16::bytea[], $17::int2[], $18::text[], \
-         $19::text[]) \
+         $19::text[], $20::bytea[]) \
          ON CONFLICT (org, key_hash) DO NOTHING RETURNING org, key_hash",
     )
     .bind(&orgs)
@@ -342,6 +346,7 @@ async fn upsert_deltas(
     .bind(deltas.iter().map(|d| d.0.cube.code()).collect::<Vec<_>>())
     .bind(text(&|k| &k.dimension))
     .bind(text(&|k| &k.dimension_value))
+    .bind(&own_users)
     .fetch_all(&mut **tx)
     .await?;
     let inserted: HashSet<(String, i64)> = inserted.into_iter().collect();
@@ -355,8 +360,9 @@ async fn upsert_deltas(
     let ex_orgs: Vec<&str> = existing.iter().map(|&i| orgs[i].as_str()).collect();
     let ex_hashes = pick(&hashes);
     // 2. Lock the existing rows in (org, key_hash) order and read their sketches.
-    let stored: Vec<(String, i64, Option<Vec<u8>>)> = sqlx::query_as(
-        "SELECT r.org, r.key_hash, r.latency_sketch FROM rollups r \
+    type Stored = (Option<Vec<u8>>, Option<Vec<u8>>);
+    let stored: Vec<(String, i64, Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT r.org, r.key_hash, r.latency_sketch, r.users_sketch FROM rollups r \
          JOIN UNNEST($1::text[], $2::int8[]) AS t(org, h) \
          ON r.org = t.org AND r.key_hash = t.h \
          ORDER BY r.org, r.key_hash FOR UPDATE OF r",
@@ -365,25 +371,33 @@ async fn upsert_deltas(
     .bind(&ex_hashes)
     .fetch_all(&mut **tx)
     .await?;
-    let stored: std::collections::HashMap<(String, i64), Option<Vec<u8>>> =
-        stored.into_iter().map(|(o, h, s)| ((o, h), s)).collect();
+    let stored: std::collections::HashMap<(String, i64), Stored> = stored
+        .into_iter()
+        .map(|(o, h, l, u)| ((o, h), (l, u)))
+        .collect();
     // 3. Merge and write back.
-    let sketches: Vec<Option<Vec<u8>>> = existing
+    let (sketches, users): (Vec<Option<Vec<u8>>>, Vec<Option<Vec<u8>>>) = existing
         .iter()
         .map(|&i| {
             let (k, h, v) = &deltas[i];
-            k.cube
-                .keeps_sketch()
-                .then(|| v.sketch_onto(stored.get(&(k.org.clone(), *h)).and_then(|s| s.as_deref())))
+            let (latency, users) = stored
+                .get(&(k.org.clone(), *h))
+                .map_or((None, None), |(l, u)| (l.as_deref(), u.as_deref()));
+            (
+                k.cube.keeps_sketch().then(|| v.sketch_onto(latency)),
+                k.cube.keeps_users().then(|| v.users_onto(users)),
+            )
         })
-        .collect();
+        .unzip();
     sqlx::query(
         "UPDATE rollups r SET calls = r.calls + t.calls, errors = r.errors + t.errors, \
          cost = r.cost + t.cost, request_bytes = r.request_bytes + t.rq, \
          response_bytes = r.response_bytes + t.rs, \
-         latency_sketch = COALESCE(t.sk, r.latency_sketch) \
+         latency_sketch = COALESCE(t.sk, r.latency_sketch), \
+         users_sketch = COALESCE(t.us, r.users_sketch) \
          FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
-         $6::int8[], $7::int8[], $8::bytea[]) AS t(org, h, calls, errors, cost, rq, rs, sk) \
+         $6::int8[], $7::int8[], $8::bytea[], $9::bytea[]) \
+         AS t(org, h, calls, errors, cost, rq, rs, sk, us) \
          WHERE r.org = t.org AND r.key_hash = t.h",
     )
     .bind(&ex_orgs)
@@ -394,6 +408,7 @@ async fn upsert_deltas(
     .bind(pick(&request_bytes))
     .bind(pick(&response_bytes))
     .bind(&sketches)
+    .bind(&users)
     .execute(&mut **tx)
     .await?;
     Ok(())

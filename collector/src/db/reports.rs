@@ -11,7 +11,9 @@ use hdrhistogram::Histogram;
 use sqlx::Row;
 
 use super::{DbError, PgStore, Storage};
-use crate::rollup::{decode_sketch, merge_sketch, new_sketch, Cube, Granularity};
+use crate::rollup::{
+    decode_sketch, decode_users, merge_sketch, new_sketch, Cube, Granularity, UsersSketch,
+};
 
 /// A rollup column (or an expression over one) a report groups by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -212,6 +214,17 @@ pub struct Aggregate<'a> {
     pub dimension: Option<&'a str>,
 }
 
+/// What a query reads of the rollup rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reads {
+    /// The counters (and the user, to count distinct users exactly).
+    Counters,
+    /// The latency sketch.
+    Latency,
+    /// The users sketch.
+    Users,
+}
+
 /// A summed counter a report can sort by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Measure {
@@ -237,20 +250,21 @@ pub struct Totals {
     pub request_bytes: i64,
     /// Response body bytes.
     pub response_bytes: i64,
-    /// Distinct non-empty users (exact: rollups keep the user), when counted.
+    /// Distinct non-empty users, when counted: exact, except by route or method, where it is
+    /// the users sketches' estimate ([`Aggregate::users_estimated`]).
     pub users: i64,
 }
 
 impl Aggregate<'_> {
     /// The narrowest cube holding every dimension this query groups or filters by (with a
-    /// latency sketch, when `sketch`).
+    /// latency sketch, when `sketch`). Distinct users come from a cube that keeps the user, or
+    /// from the route cube's users sketches.
     fn cube(&self, sketch: bool) -> Cube {
         if self.dimension.is_some() {
             return Cube::Custom;
         }
         let mut need: Vec<Column> = self.group.to_vec();
-        // Sketch queries never count users.
-        if self.with_user || (self.count_users && !sketch) {
+        if self.with_user {
             need.push(Column::User);
         }
         if self.not_allowed || self.served_only {
@@ -268,6 +282,9 @@ impl Aggregate<'_> {
                 ) || keeps.contains(c)
             })
         };
+        // Sketch queries never count users. Users are counted exactly where a cube keeps the
+        // user; only what none of those holds (routes, methods) is estimated from sketches.
+        let exact = |keeps: &[Column]| sketch || !self.count_users || keeps.contains(&Column::User);
         let candidates: [(Cube, &[Column]); 5] = [
             (Cube::Org, &[Column::StatusClass, Column::Decision]),
             (Cube::Route, &[Column::Route, Column::Method]),
@@ -281,29 +298,39 @@ impl Aggregate<'_> {
                     Column::Rule,
                 ],
             ),
+            (Cube::Caller, &[Column::User]),
             (Cube::User, &[Column::User, Column::Decision, Column::Rule]),
-            (
-                Cube::RouteUser,
-                &[Column::Route, Column::Method, Column::User],
-            ),
         ];
+        let usable = |cube: Cube, keeps: &[Column]| {
+            (!sketch || cube.keeps_sketch())
+                && self.segments.iter().all(|s| cube.has(s.granularity))
+                && fits(keeps)
+        };
         candidates
-            .into_iter()
-            .find(|(cube, keeps)| {
-                (!sketch || cube.keeps_sketch())
-                    && self.segments.iter().all(|s| cube.has(s.granularity))
-                    && fits(keeps)
+            .iter()
+            .find(|(cube, keeps)| usable(*cube, keeps) && exact(keeps))
+            .or_else(|| {
+                candidates
+                    .iter()
+                    .find(|(cube, keeps)| cube.keeps_users() && usable(*cube, keeps))
             })
-            .map_or(Cube::Full, |(cube, _)| cube)
+            .map_or(Cube::Full, |(cube, _)| *cube)
+    }
+
+    /// Whether distinct users are estimated from users sketches (the route cube) rather than
+    /// counted exactly in SQL.
+    pub fn users_estimated(&self) -> bool {
+        self.count_users && self.cube(false).keeps_users()
     }
 
     /// The rows to aggregate — `FROM (…) AS r` — and the values to bind, in order.
     ///
     /// One `UNION ALL` branch per segment, each a single range of an index: the ORed ranges of
     /// one `WHERE` made SQLite scan the whole cube instead.
-    fn source(&self, sketch: bool) -> (String, Vec<i64>) {
+    fn source(&self, reads: Reads) -> (String, Vec<i64>) {
         // The cube code is one of ours, not input: it goes into the text.
-        let mut common = format!("cube = {}", self.cube(sketch).code());
+        let cube = self.cube(reads == Reads::Latency);
+        let mut common = format!("cube = {}", cube.code());
         let mut n = 0;
         if self.org.is_some() {
             n += 1;
@@ -322,18 +349,20 @@ impl Aggregate<'_> {
         if self.served_only {
             common.push_str(" AND decision <> 'limited'");
         }
-        // Only the columns the outer query uses, so an index holding them (`rollups_users`)
+        // Only the columns the outer query uses, so an index holding them (`rollups_callers`)
         // answers without reading the table.
         let mut columns: Vec<&str> = self.group.iter().map(|c| c.stored()).collect();
-        if self.count_users && !sketch {
+        if reads == Reads::Counters && self.count_users && !self.users_estimated() {
             columns.push("user_id");
         }
         columns.sort_unstable();
         columns.dedup();
-        if sketch {
-            columns.push("latency_sketch");
-        } else {
-            columns.extend(["calls", "errors", "cost", "request_bytes", "response_bytes"]);
+        match reads {
+            Reads::Latency => columns.push("latency_sketch"),
+            Reads::Users => columns.push("users_sketch"),
+            Reads::Counters => {
+                columns.extend(["calls", "errors", "cost", "request_bytes", "response_bytes"])
+            }
         }
         let columns = columns.join(", ");
         let mut binds = Vec::new();
@@ -416,10 +445,11 @@ macro_rules! read_key {
 impl Storage {
     /// Summed counters per group, largest first when `top` is set.
     pub async fn aggregate(&self, agg: &Aggregate<'_>) -> Result<Vec<Totals>, DbError> {
-        let (source, binds) = agg.source(false);
+        let (source, binds) = agg.source(Reads::Counters);
         let group = agg.group_sql();
         let select_group = agg.select_group();
-        let users = if agg.count_users {
+        let estimated = agg.users_estimated();
+        let users = if agg.count_users && !estimated {
             "COUNT(DISTINCT NULLIF(user_id, ''))"
         } else {
             "0"
@@ -469,6 +499,21 @@ impl Storage {
                 }
             }
         }
+        if estimated && !out.is_empty() {
+            let mut sketches: HashMap<Vec<Value>, UsersSketch> = HashMap::new();
+            self.blobs(agg, Reads::Users, |key, blob| {
+                sketches
+                    .entry(key)
+                    .or_default()
+                    .merge(&decode_users(blob.as_deref()));
+            })
+            .await?;
+            for t in &mut out {
+                t.users = sketches
+                    .get(&t.key)
+                    .map_or(0, |s| s.estimate().try_into().unwrap_or(i64::MAX));
+            }
+        }
         Ok(out)
     }
 
@@ -478,14 +523,29 @@ impl Storage {
         &self,
         agg: &Aggregate<'_>,
     ) -> Result<HashMap<Vec<Value>, Histogram<u64>>, DbError> {
-        let (source, binds) = agg.source(true);
-        let sql = format!("SELECT {}latency_sketch{source}", agg.select_group());
-        let k = agg.group.len();
         let mut out: HashMap<Vec<Value>, Histogram<u64>> = HashMap::new();
-        let mut add = |key: Vec<Value>, blob: Option<Vec<u8>>| {
+        self.blobs(agg, Reads::Latency, |key, blob| {
             let sketch = decode_sketch(blob.as_deref());
             merge_sketch(out.entry(key).or_insert_with(new_sketch), &sketch);
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Every matching row's group values and its sketch of kind `reads`, handed to `add`.
+    async fn blobs(
+        &self,
+        agg: &Aggregate<'_>,
+        reads: Reads,
+        mut add: impl FnMut(Vec<Value>, Option<Vec<u8>>),
+    ) -> Result<(), DbError> {
+        let (source, binds) = agg.source(reads);
+        let column = match reads {
+            Reads::Users => "users_sketch",
+            Reads::Latency | Reads::Counters => "latency_sketch",
         };
+        let sql = format!("SELECT {}{column}{source}", agg.select_group());
+        let k = agg.group.len();
         match self {
             Storage::Sqlite(pool) => {
                 for row in fetch!(pool, &sql, agg, binds) {
@@ -498,7 +558,7 @@ impl Storage {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -566,11 +626,9 @@ mod tests {
             q(&[Column::Rule, Column::Decision]).cube(false),
             Cube::Endpoint
         );
-        assert_eq!(q(&[Column::Org, Column::User]).cube(false), Cube::User);
-        assert_eq!(
-            q(&[Column::User, Column::Route]).cube(false),
-            Cube::RouteUser
-        );
+        assert_eq!(q(&[Column::Org, Column::User]).cube(false), Cube::Caller);
+        assert_eq!(q(&[Column::User, Column::Decision]).cube(false), Cube::User);
+        assert_eq!(q(&[Column::User, Column::Route]).cube(false), Cube::Full);
         assert_eq!(
             q(&[Column::User, Column::StatusClass]).cube(false),
             Cube::Full
@@ -580,12 +638,20 @@ mod tests {
             count_users: true,
             ..q(&[])
         };
-        assert_eq!(users.cube(false), Cube::User);
+        assert_eq!(users.cube(false), Cube::Caller);
+        assert!(!users.users_estimated());
         assert_eq!(
             users.cube(true),
             Cube::Org,
             "sketch queries never count users"
         );
+        // Users by route are estimated from the route cube's users sketches.
+        let users_by_route = Aggregate {
+            count_users: true,
+            ..q(&[Column::Route])
+        };
+        assert_eq!(users_by_route.cube(false), Cube::Route);
+        assert!(users_by_route.users_estimated());
         let served_routes = Aggregate {
             served_only: true,
             ..q(&[Column::Route])

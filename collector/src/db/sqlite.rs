@@ -117,7 +117,7 @@ struct Queued {
 /// file is served by one collector process (the CLI never folds), so a process-wide lock does.
 static FOLD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Rollup rows per statement of the fold: 19 columns × 1,000 rows stays under SQLite's 32,766
+/// Rollup rows per statement of the fold: 20 columns × 1,000 rows stays under SQLite's 32,766
 /// bound parameters (and 6 × 1,000 for the sketch reads).
 const FOLD_ROWS_PER_STATEMENT: usize = 1_000;
 
@@ -149,7 +149,7 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
     let keeping: Vec<usize> = (0..deltas.len())
         .filter(|&i| deltas[i].0.cube.keeps_sketch())
         .collect();
-    let mut stored: HashMap<usize, Vec<u8>> = HashMap::new();
+    let mut stored: HashMap<usize, (Option<Vec<u8>>, Option<Vec<u8>>)> = HashMap::new();
     for chunk in keeping.chunks(FOLD_ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> =
             QueryBuilder::new("WITH t (i, cube, granularity, bucket, org, key_hash) AS (");
@@ -163,25 +163,31 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
                 .push_bind(*hash);
         });
         q.push(
-            ") SELECT t.i, r.latency_sketch FROM t JOIN rollups r ON r.cube = t.cube \
+            ") SELECT t.i, r.latency_sketch, r.users_sketch FROM t JOIN rollups r \
+             ON r.cube = t.cube \
              AND r.granularity = t.granularity AND r.bucket = t.bucket AND r.org = t.org \
              AND r.key_hash = t.key_hash",
         );
-        let found: Vec<(i64, Option<Vec<u8>>)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        let found: Vec<(i64, Option<Vec<u8>>, Option<Vec<u8>>)> =
+            q.build_query_as().fetch_all(&mut *conn).await?;
         stored.extend(
-            found
-                .into_iter()
-                .filter_map(|(i, sketch)| Some((usize::try_from(i).ok()?, sketch?))),
+            found.into_iter().filter_map(|(i, latency, users)| {
+                Some((usize::try_from(i).ok()?, (latency, users)))
+            }),
         );
     }
     drop(conn);
-    let sketches: Vec<Option<Vec<u8>>> = deltas
+    let sketches: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = deltas
         .iter()
         .enumerate()
         .map(|(i, (key, _, delta))| {
-            key.cube
-                .keeps_sketch()
-                .then(|| delta.sketch_onto(stored.get(&i).map(Vec::as_slice)))
+            let (latency, users) = stored
+                .get(&i)
+                .map_or((None, None), |(l, u)| (l.as_deref(), u.as_deref()));
+            (
+                key.cube.keeps_sketch().then(|| delta.sketch_onto(latency)),
+                key.cube.keeps_users().then(|| delta.users_onto(users)),
+            )
         })
         .collect();
 
@@ -191,9 +197,9 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, \
              method, status_class, decision, rule, dimension, dimension_value, calls, errors, \
-             cost, request_bytes, response_bytes, latency_sketch) ",
+             cost, request_bytes, response_bytes, latency_sketch, users_sketch) ",
         );
-        q.push_values(chunk, |mut b, &((key, hash, delta), sketch)| {
+        q.push_values(chunk, |mut b, &((key, hash, delta), (sketch, users))| {
             b.push_bind(key.cube.code())
                 .push_bind(key.granularity.code())
                 .push_bind(key.bucket)
@@ -212,14 +218,16 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
                 .push_bind(delta.cost)
                 .push_bind(delta.request_bytes)
                 .push_bind(delta.response_bytes)
-                .push_bind(sketch.as_deref());
+                .push_bind(sketch.as_deref())
+                .push_bind(users.as_deref());
         });
         q.push(
             " ON CONFLICT (org, cube, granularity, bucket, key_hash) DO UPDATE SET \
              calls = calls + excluded.calls, errors = errors + excluded.errors, \
              cost = cost + excluded.cost, request_bytes = request_bytes + excluded.request_bytes, \
              response_bytes = response_bytes + excluded.response_bytes, \
-             latency_sketch = COALESCE(excluded.latency_sketch, latency_sketch)",
+             latency_sketch = COALESCE(excluded.latency_sketch, latency_sketch), \
+             users_sketch = COALESCE(excluded.users_sketch, users_sketch)",
         );
         q.build().execute(&mut *tx).await?;
     }

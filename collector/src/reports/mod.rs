@@ -245,9 +245,10 @@ pub async fn run_named(
     })
 }
 
-/// Whether distinct users are counted for groups of `columns`: when the by-user cube (org, user,
-/// decision, rule) or the by-route-and-user cube (org, route, method, user) holds every one of
-/// them, so counting reads about one row per user (and route) and bucket.
+/// Whether distinct users are counted for groups of `columns`: exactly when a cube that keeps
+/// the user (org, user, decision, rule) holds every one of them, so counting reads about one row
+/// per user and bucket; estimated from the route rows' users sketches when the groups are
+/// routes or methods.
 pub fn users_countable(columns: &[Column]) -> bool {
     let within = |keeps: &[Column]| {
         columns.iter().all(|c| {
@@ -257,7 +258,8 @@ pub fn users_countable(columns: &[Column]) -> bool {
             ) || keeps.contains(c)
         })
     };
-    // The by-user cube and the by-route-and-user cube; anything else would read the full one.
+    // The cubes that keep the user, and the route cube's users sketches; anything else would
+    // read the full one.
     within(&[Column::User, Column::Decision, Column::Rule])
-        || within(&[Column::User, Column::Route, Column::Method])
+        || within(&[Column::Route, Column::Method])
 }
