@@ -65,6 +65,13 @@ impl Granularity {
         }
     }
 
+    /// The granularity stored as `code`.
+    pub fn from_code(code: i64) -> Option<Granularity> {
+        Granularity::ALL
+            .into_iter()
+            .find(|g| i64::from(g.code()) == code)
+    }
+
     /// Start of the bucket holding `ts`.
     pub fn bucket(self, ts: DateTime<Utc>) -> i64 {
         self.bucket_of(ts.timestamp())
@@ -554,6 +561,9 @@ impl Delta {
     }
 }
 
+/// A row's stored latency and users sketches (`None` where it has none).
+pub type Sketches = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// Distinct users, estimated: Cloudflare's HyperLogLog++ with 2^12 registers of 6 bits. Up to
 /// 128 users it keeps their hashes, so small counts are exact (barring a 32-bit hash
 /// collision); beyond, the standard error is 1.04 / √4096 ≈ 1.6 %. Two sketches merge into the
@@ -632,6 +642,108 @@ pub fn aggregate<'a>(
             let k = k.to_owned();
             let h = k.hash();
             (k, h, v)
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.0.org, a.1).cmp(&(&b.0.org, b.1)));
+    out
+}
+
+/// The counters of one caller in one bucket, summed over the user cube's rows (the first fill
+/// of the caller cube, for rows folded before it existed).
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct CallerTotals {
+    /// Org.
+    pub org: String,
+    /// Granularity code.
+    pub granularity: i64,
+    /// Bucket start.
+    pub bucket: i64,
+    /// User.
+    pub user_id: String,
+    /// Requests.
+    pub calls: i64,
+    /// 5xx responses.
+    pub errors: i64,
+    /// Cost units.
+    pub cost: i64,
+    /// Request body bytes.
+    pub request_bytes: i64,
+    /// Response body bytes.
+    pub response_bytes: i64,
+}
+
+/// One row of the former route-and-user cube (6): a user who called a route in a bucket.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RouteUser {
+    /// Org.
+    pub org: String,
+    /// Granularity code.
+    pub granularity: i64,
+    /// Bucket start.
+    pub bucket: i64,
+    /// Route template.
+    pub route: String,
+    /// Method.
+    pub method: String,
+    /// User.
+    pub user_id: String,
+}
+
+/// What rows folded before the caller cube and the users sketches existed lack, as deltas: a
+/// caller-cube row per [`CallerTotals`] (write them where no caller rows are), and for each
+/// route row the users of its [`RouteUser`]s (no counters: the route row has them). Ordered as
+/// [`aggregate`] orders.
+pub fn backfill_deltas(
+    callers: &[CallerTotals],
+    route_users: &[RouteUser],
+) -> Vec<(RollupKey, i64, Delta)> {
+    let mut map: HashMap<RollupKey, Delta> = HashMap::new();
+    let key = |cube: Cube, org: &str, g: i64, bucket: i64| {
+        Granularity::from_code(g).map(|granularity| RollupKey {
+            granularity,
+            bucket,
+            org: org.to_owned(),
+            user: String::new(),
+            route: String::new(),
+            method: String::new(),
+            status_class: 0,
+            decision: String::new(),
+            rule: String::new(),
+            dimension: String::new(),
+            dimension_value: String::new(),
+            cube,
+        })
+    };
+    for c in callers {
+        if let Some(k) = key(Cube::Caller, &c.org, c.granularity, c.bucket) {
+            let d = map
+                .entry(RollupKey {
+                    user: c.user_id.clone(),
+                    ..k
+                })
+                .or_default();
+            d.calls += c.calls;
+            d.errors += c.errors;
+            d.cost = d.cost.saturating_add(c.cost);
+            d.request_bytes = d.request_bytes.saturating_add(c.request_bytes);
+            d.response_bytes = d.response_bytes.saturating_add(c.response_bytes);
+        }
+    }
+    for r in route_users.iter().filter(|r| !r.user_id.is_empty()) {
+        if let Some(k) = key(Cube::Route, &r.org, r.granularity, r.bucket) {
+            let k = RollupKey {
+                route: r.route.clone(),
+                method: r.method.clone(),
+                ..k
+            };
+            map.entry(k).or_default().users.push(user_hash(&r.user_id));
+        }
+    }
+    let mut out: Vec<_> = map
+        .into_iter()
+        .map(|(k, d)| {
+            let h = k.hash();
+            (k, h, d)
         })
         .collect();
     out.sort_by(|a, b| (&a.0.org, a.1).cmp(&(&b.0.org, b.1)));
@@ -896,5 +1008,26 @@ mod tests {
         assert!(percentile(&merged, 0.5).abs_diff(1_000) <= 10);
         assert!(percentile(&merged, 1.0) >= 50_000);
         assert_eq!(decode_sketch(Some(&d.sketch_onto(None))).len(), 2);
+    }
+
+    #[test]
+    fn users_sketches_count_small_sets_exactly_and_merge_as_unions() {
+        let delta = |users: std::ops::Range<u32>| Delta {
+            users: users.map(|u| user_hash(&format!("user-{u}"))).collect(),
+            ..Delta::default()
+        };
+        let count = |bytes: &[u8]| decode_users(Some(bytes)).estimate() as f64;
+        // 0..100 then 50..120 over the same row: 120 distinct, exact at this size.
+        let stored = delta(0..100).users_onto(None);
+        let merged = delta(50..120).users_onto(Some(&stored));
+        assert_eq!(count(&merged), 120.0);
+        // Repeating users adds nothing: a union, not a sum.
+        assert_eq!(count(&delta(0..120).users_onto(Some(&merged))), 120.0);
+        // Past the exact range, within 4 standard errors.
+        let big = delta(0..20_000).users_onto(Some(&merged));
+        let error = (count(&big) - 20_000.0).abs() / 20_000.0;
+        assert!(error < 4.0 * USERS_SKETCH_STANDARD_ERROR, "{error}");
+        assert_eq!(decode_users(Some(b"not a sketch")).estimate(), 0);
+        assert_eq!(decode_users(None).estimate(), 0);
     }
 }

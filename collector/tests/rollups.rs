@@ -1,7 +1,8 @@
 //! Rollups against a direct computation over the raw events of a fixture: counts and sums
 //! exact, percentiles within the sketch's stated error, late (out-of-order) events in the right
 //! bucket, duplicates never counted twice, rows split by the rule that decided the events (what
-//! the limits report reads) — on SQLite and PostgreSQL.
+//! the limits report reads), the caller cube and users sketches filled in for rows folded before
+//! they existed — on SQLite and PostgreSQL.
 
 mod common;
 
@@ -12,6 +13,7 @@ use common::{spawn_app, Backend, Fixture};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use tollgate_collector::db::Storage;
 use tollgate_collector::rollup::{decision_name, Granularity, SKETCH_RELATIVE_ERROR};
 use tollgate_core::event::UsageEvent;
 use tollgate_core::Verdict;
@@ -419,4 +421,92 @@ async fn rollups_split_by_rule(backend: Backend) {
     assert_eq!(per_rule, expected);
 }
 
-backend_tests!(rollups_match_raw_events, rollups_split_by_rule);
+/// Runs `sql` on the app's database, whichever engine.
+async fn execute(storage: &Storage, sql: &str) {
+    match storage {
+        Storage::Sqlite(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
+        Storage::Postgres(pg) => sqlx::query(sql).execute(&pg.pool).await.map(|_| ()),
+    }
+    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn callers_are_backfilled_for_rows_folded_before_them(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for batch in fixture(2_000).chunks(500) {
+        assert_eq!(app.ingest(&app.admin, batch).await.status, 200);
+    }
+    app.settle().await;
+    let reports = [
+        "/v1/reports/overview?org=acme&days=2",
+        "/v1/reports/top?dimension=users&days=2&limit=20",
+    ];
+    let mut before = Vec::new();
+    for uri in reports {
+        let r = app.get(uri, &app.admin).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        before.push(r.json());
+    }
+    assert!(
+        before[0]["rows"][0]["unique_users"].as_i64() > Some(0),
+        "{}",
+        before[0]
+    );
+    assert!(!before[1]["rows"].as_array().unwrap().is_empty());
+
+    // The rollups as a collector before migration 0006 left them: a route-and-user cube (6),
+    // no caller cube (7), no users sketches; and the backfill owed.
+    let storage = &app.state.storage;
+    for sql in [
+        "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, method, \
+         status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes) \
+         SELECT 6, granularity, bucket, org, \
+         -ROW_NUMBER() OVER (ORDER BY org, granularity, bucket, route, method, user_id), \
+         user_id, route, method, 0, '', '', SUM(calls), SUM(errors), SUM(cost), \
+         SUM(request_bytes), SUM(response_bytes) FROM rollups WHERE cube = 0 AND granularity > 0 \
+         GROUP BY org, granularity, bucket, route, method, user_id",
+        "DELETE FROM rollups WHERE cube = 7",
+        "UPDATE rollups SET users_sketch = NULL",
+        "INSERT INTO rollup_backfills (name) VALUES ('callers')",
+    ] {
+        execute(storage, sql).await;
+    }
+    let r = app.get(reports[1], &app.admin).await;
+    assert_eq!(
+        r.json()["rows"],
+        serde_json::json!([]),
+        "no callers before the backfill"
+    );
+
+    storage.migrate().await.unwrap();
+    for (uri, before) in reports.iter().zip(&before) {
+        let r = app.get(uri, &app.admin).await;
+        assert_eq!(&r.json(), before, "{uri} after the backfill");
+    }
+    // It ran once: the route-and-user cube is gone and nothing is owed.
+    storage.migrate().await.unwrap();
+    let r = app.get(reports[0], &app.admin).await;
+    assert_eq!(&r.json(), &before[0]);
+    let left: i64 = match storage {
+        Storage::Sqlite(pool) => sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM rollups WHERE cube = 6) \
+             + (SELECT COUNT(*) FROM rollup_backfills)",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap(),
+        Storage::Postgres(pg) => sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM rollups WHERE cube = 6) \
+             + (SELECT COUNT(*) FROM rollup_backfills)",
+        )
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap(),
+    };
+    assert_eq!(left, 0);
+}
+
+backend_tests!(
+    rollups_match_raw_events,
+    rollups_split_by_rule,
+    callers_are_backfilled_for_rows_folded_before_them
+);

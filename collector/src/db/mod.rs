@@ -86,6 +86,27 @@ pub enum Storage {
     Postgres(PgStore),
 }
 
+/// Whether migration 0006's backfill is still owed (a count: 0 or 1).
+const CALLERS_PENDING: &str = "SELECT COUNT(*) FROM rollup_backfills WHERE name = 'callers'";
+/// The caller cube's rows, summed from the user cube's (every granularity the caller cube has).
+const CALLER_TOTALS: &str = "SELECT org, CAST(granularity AS BIGINT) AS granularity, \
+    CAST(bucket AS BIGINT) AS bucket, user_id, CAST(SUM(calls) AS BIGINT) AS calls, \
+    CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(cost) AS BIGINT) AS cost, \
+    CAST(SUM(request_bytes) AS BIGINT) AS request_bytes, \
+    CAST(SUM(response_bytes) AS BIGINT) AS response_bytes \
+    FROM rollups WHERE cube = 2 AND granularity > 0 GROUP BY org, granularity, bucket, user_id";
+/// The former route-and-user cube's rows.
+const ROUTE_USERS: &str = "SELECT org, CAST(granularity AS BIGINT) AS granularity, \
+    CAST(bucket AS BIGINT) AS bucket, route, method, user_id FROM rollups WHERE cube = 6";
+/// Before the backfill writes: caller rows a newer collector folded meanwhile are replaced by
+/// the sums of the user cube, which holds their events too.
+const CALLERS_CLEARED: &str = "DELETE FROM rollups WHERE cube = 7";
+/// After it: the route-and-user cube is no longer read, and the backfill is done.
+const CALLERS_FILLED: [&str; 2] = [
+    "DELETE FROM rollups WHERE cube = 6",
+    "DELETE FROM rollup_backfills WHERE name = 'callers'",
+];
+
 macro_rules! both {
     ($self:expr, $pool:ident => $body:expr) => {
         match $self {
@@ -184,7 +205,17 @@ impl Storage {
                 pg.ensure_partitions_around(Utc::now()).await?;
             }
         }
-        Ok(())
+        self.backfill_callers().await
+    }
+
+    /// Fills what rows folded before migration 0006 lack: the caller cube (summed from the
+    /// user cube) and the route rows' users sketches (from the route-and-user cube, which it
+    /// then deletes). Once, in one transaction that keeps folds out, whatever the replicas.
+    async fn backfill_callers(&self) -> Result<(), DbError> {
+        match self {
+            Storage::Sqlite(pool) => sqlite::backfill_callers(pool).await,
+            Storage::Postgres(pg) => pg.backfill_callers().await,
+        }
     }
 
     /// A round trip to the database.

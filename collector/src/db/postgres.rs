@@ -255,6 +255,39 @@ impl PgStore {
         Ok(events.iter().map(|e| inserted.contains(&e.id)).collect())
     }
 
+    /// Migration 0006's backfill (see `Storage::backfill_callers`). The table lock keeps folds
+    /// (which take ROW EXCLUSIVE) and other replicas' backfills out until it commits.
+    pub(super) async fn backfill_callers(&self) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("LOCK TABLE rollups IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let pending: i64 = sqlx::query_scalar(super::CALLERS_PENDING)
+            .fetch_one(&mut *tx)
+            .await?;
+        if pending == 0 {
+            return Ok(());
+        }
+        sqlx::query(super::CALLERS_CLEARED)
+            .execute(&mut *tx)
+            .await?;
+        let callers: Vec<rollup::CallerTotals> = sqlx::query_as(super::CALLER_TOTALS)
+            .fetch_all(&mut *tx)
+            .await?;
+        let route_users: Vec<rollup::RouteUser> = sqlx::query_as(super::ROUTE_USERS)
+            .fetch_all(&mut *tx)
+            .await?;
+        let deltas = rollup::backfill_deltas(&callers, &route_users);
+        if !deltas.is_empty() {
+            upsert_deltas(&mut tx, &deltas).await?;
+        }
+        for sql in super::CALLERS_FILLED {
+            sqlx::query(sql).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Folds up to `max` queued events into the rollups; returns how many. Rows are claimed
     /// with `FOR UPDATE SKIP LOCKED`, so folders on several replicas never take the same ones.
     pub(super) async fn fold(&self, max: usize) -> Result<usize, DbError> {
@@ -360,8 +393,8 @@ async fn upsert_deltas(
     let ex_orgs: Vec<&str> = existing.iter().map(|&i| orgs[i].as_str()).collect();
     let ex_hashes = pick(&hashes);
     // 2. Lock the existing rows in (org, key_hash) order and read their sketches.
-    type Stored = (Option<Vec<u8>>, Option<Vec<u8>>);
-    let stored: Vec<(String, i64, Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(
+    type Sketch = Option<Vec<u8>>;
+    let stored: Vec<(String, i64, Sketch, Sketch)> = sqlx::query_as(
         "SELECT r.org, r.key_hash, r.latency_sketch, r.users_sketch FROM rollups r \
          JOIN UNNEST($1::text[], $2::int8[]) AS t(org, h) \
          ON r.org = t.org AND r.key_hash = t.h \
@@ -371,12 +404,12 @@ async fn upsert_deltas(
     .bind(&ex_hashes)
     .fetch_all(&mut **tx)
     .await?;
-    let stored: std::collections::HashMap<(String, i64), Stored> = stored
+    let stored: std::collections::HashMap<(String, i64), rollup::Sketches> = stored
         .into_iter()
         .map(|(o, h, l, u)| ((o, h), (l, u)))
         .collect();
     // 3. Merge and write back.
-    let (sketches, users): (Vec<Option<Vec<u8>>>, Vec<Option<Vec<u8>>>) = existing
+    let (sketches, users): (Vec<Sketch>, Vec<Sketch>) = existing
         .iter()
         .map(|&i| {
             let (k, h, v) = &deltas[i];

@@ -6,12 +6,15 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 use tollgate_core::event::UsageEvent;
 use uuid::Uuid;
 
 use super::{edge_name, json_or_null, DbError};
-use crate::rollup::{self, Sample};
+use crate::rollup::{self, Delta, RollupKey, Sample, Sketches};
+
+/// A stored sketch.
+type Sketch = Option<Vec<u8>>;
 
 const COLUMNS: &str = "INSERT INTO events (id, ts, org, user_id, plan, method, route, status, \
     latency_us, request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, \
@@ -144,12 +147,59 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
     };
     let samples: Vec<Sample> = rows.into_iter().map(|r| r.sample).collect();
     let deltas = rollup::aggregate(&samples);
+    let sketches = merged_sketches(&mut conn, &deltas).await?;
+    drop(conn);
 
-    // The stored sketches of the rows that keep one (a row not found is new).
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    write_deltas(&mut tx, &deltas, &sketches).await?;
+    sqlx::query("DELETE FROM rollup_queue WHERE seq <= $1")
+        .bind(last)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(samples.len())
+}
+
+/// Migration 0006's backfill (see `Storage::backfill_callers`), in one write transaction under
+/// the fold lock.
+pub(super) async fn backfill_callers(pool: &SqlitePool) -> Result<(), DbError> {
+    let _guard = FOLD_LOCK.lock().await;
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let pending: i64 = sqlx::query_scalar(super::CALLERS_PENDING)
+        .fetch_one(&mut *tx)
+        .await?;
+    if pending == 0 {
+        return Ok(());
+    }
+    sqlx::query(super::CALLERS_CLEARED)
+        .execute(&mut *tx)
+        .await?;
+    let callers: Vec<rollup::CallerTotals> = sqlx::query_as(super::CALLER_TOTALS)
+        .fetch_all(&mut *tx)
+        .await?;
+    let route_users: Vec<rollup::RouteUser> = sqlx::query_as(super::ROUTE_USERS)
+        .fetch_all(&mut *tx)
+        .await?;
+    let deltas = rollup::backfill_deltas(&callers, &route_users);
+    let sketches = merged_sketches(&mut tx, &deltas).await?;
+    write_deltas(&mut tx, &deltas, &sketches).await?;
+    for sql in super::CALLERS_FILLED {
+        sqlx::query(sql).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The sketches of the deltas' rows after their deltas: the stored ones (a row not found is
+/// new) with the deltas' latencies and users added.
+async fn merged_sketches(
+    conn: &mut SqliteConnection,
+    deltas: &[(RollupKey, i64, Delta)],
+) -> Result<Vec<Sketches>, DbError> {
     let keeping: Vec<usize> = (0..deltas.len())
         .filter(|&i| deltas[i].0.cube.keeps_sketch())
         .collect();
-    let mut stored: HashMap<usize, (Option<Vec<u8>>, Option<Vec<u8>>)> = HashMap::new();
+    let mut stored: HashMap<usize, Sketches> = HashMap::new();
     for chunk in keeping.chunks(FOLD_ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> =
             QueryBuilder::new("WITH t (i, cube, granularity, bucket, org, key_hash) AS (");
@@ -164,20 +214,17 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
         });
         q.push(
             ") SELECT t.i, r.latency_sketch, r.users_sketch FROM t JOIN rollups r \
-             ON r.cube = t.cube \
-             AND r.granularity = t.granularity AND r.bucket = t.bucket AND r.org = t.org \
-             AND r.key_hash = t.key_hash",
+             ON r.cube = t.cube AND r.granularity = t.granularity AND r.bucket = t.bucket \
+             AND r.org = t.org AND r.key_hash = t.key_hash",
         );
-        let found: Vec<(i64, Option<Vec<u8>>, Option<Vec<u8>>)> =
-            q.build_query_as().fetch_all(&mut *conn).await?;
+        let found: Vec<(i64, Sketch, Sketch)> = q.build_query_as().fetch_all(&mut *conn).await?;
         stored.extend(
             found.into_iter().filter_map(|(i, latency, users)| {
                 Some((usize::try_from(i).ok()?, (latency, users)))
             }),
         );
     }
-    drop(conn);
-    let sketches: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = deltas
+    Ok(deltas
         .iter()
         .enumerate()
         .map(|(i, (key, _, delta))| {
@@ -189,10 +236,17 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
                 key.cube.keeps_users().then(|| delta.users_onto(users)),
             )
         })
-        .collect();
+        .collect())
+}
 
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let rows: Vec<_> = deltas.iter().zip(&sketches).collect();
+/// Adds the deltas to their rows, creating the missing ones, with `sketches` (from
+/// [`merged_sketches`]) as the rows' new sketches.
+async fn write_deltas(
+    conn: &mut SqliteConnection,
+    deltas: &[(RollupKey, i64, Delta)],
+    sketches: &[Sketches],
+) -> Result<(), DbError> {
+    let rows: Vec<_> = deltas.iter().zip(sketches).collect();
     for chunk in rows.chunks(FOLD_ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, \
@@ -229,12 +283,7 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
              latency_sketch = COALESCE(excluded.latency_sketch, latency_sketch), \
              users_sketch = COALESCE(excluded.users_sketch, users_sketch)",
         );
-        q.build().execute(&mut *tx).await?;
+        q.build().execute(&mut *conn).await?;
     }
-    sqlx::query("DELETE FROM rollup_queue WHERE seq <= $1")
-        .bind(last)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(samples.len())
+    Ok(())
 }
