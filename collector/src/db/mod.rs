@@ -2,6 +2,55 @@
 //! trait object: the two engines share most SQL (`$N` parameters work on both), and where they
 //! differ — the ingest write path above all — each has its own module.
 
+/// Whether migration 0006's backfill is still owed (a count: 0 or 1).
+const CALLERS_PENDING: &str = "SELECT COUNT(*) FROM rollup_backfills WHERE name = 'callers'";
+/// The caller cube's rows, summed from the user cube's (every granularity the caller cube has).
+const CALLER_TOTALS: &str = "SELECT org, CAST(granularity AS BIGINT) AS granularity, \
+    CAST(bucket AS BIGINT) AS bucket, user_id, CAST(SUM(calls) AS BIGINT) AS calls, \
+    CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(cost) AS BIGINT) AS cost, \
+    CAST(SUM(request_bytes) AS BIGINT) AS request_bytes, \
+    CAST(SUM(response_bytes) AS BIGINT) AS response_bytes \
+    FROM rollups WHERE cube = 2 AND granularity > 0 GROUP BY org, granularity, bucket, user_id";
+/// The former route-and-user cube's rows.
+const ROUTE_USERS: &str = "SELECT org, CAST(granularity AS BIGINT) AS granularity, \
+    CAST(bucket AS BIGINT) AS bucket, route, method, user_id FROM rollups WHERE cube = 6";
+/// Before the backfill writes: caller rows a newer collector folded meanwhile are replaced by
+/// the sums of the user cube, which holds their events too.
+const CALLERS_CLEARED: &str = "DELETE FROM rollups WHERE cube = 7";
+/// After it: the route-and-user cube is no longer read, and the backfill is done.
+const CALLERS_FILLED: [&str; 2] = [
+    "DELETE FROM rollups WHERE cube = 6",
+    "DELETE FROM rollup_backfills WHERE name = 'callers'",
+];
+
+/// Migration 0006's backfill (see `Storage::backfill_callers`) inside the caller's write
+/// transaction `$tx`, on either engine; `$write` writes `$deltas` (with the engine's fold
+/// write). Returns from the enclosing function when nothing is owed; the caller commits.
+macro_rules! backfill_callers_in {
+    ($tx:ident, $deltas:ident => $write:block) => {{
+        let pending: i64 = sqlx::query_scalar(super::CALLERS_PENDING)
+            .fetch_one(&mut *$tx)
+            .await?;
+        if pending == 0 {
+            return Ok(());
+        }
+        sqlx::query(super::CALLERS_CLEARED)
+            .execute(&mut *$tx)
+            .await?;
+        let callers: Vec<crate::rollup::CallerTotals> = sqlx::query_as(super::CALLER_TOTALS)
+            .fetch_all(&mut *$tx)
+            .await?;
+        let route_users: Vec<crate::rollup::RouteUser> = sqlx::query_as(super::ROUTE_USERS)
+            .fetch_all(&mut *$tx)
+            .await?;
+        let $deltas = crate::rollup::backfill_deltas(&callers, &route_users);
+        $write
+        for sql in super::CALLERS_FILLED {
+            sqlx::query(sql).execute(&mut *$tx).await?;
+        }
+    }};
+}
+
 mod postgres;
 pub mod reports;
 mod sqlite;
@@ -85,27 +134,6 @@ pub enum Storage {
     /// A PostgreSQL server.
     Postgres(PgStore),
 }
-
-/// Whether migration 0006's backfill is still owed (a count: 0 or 1).
-const CALLERS_PENDING: &str = "SELECT COUNT(*) FROM rollup_backfills WHERE name = 'callers'";
-/// The caller cube's rows, summed from the user cube's (every granularity the caller cube has).
-const CALLER_TOTALS: &str = "SELECT org, CAST(granularity AS BIGINT) AS granularity, \
-    CAST(bucket AS BIGINT) AS bucket, user_id, CAST(SUM(calls) AS BIGINT) AS calls, \
-    CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(cost) AS BIGINT) AS cost, \
-    CAST(SUM(request_bytes) AS BIGINT) AS request_bytes, \
-    CAST(SUM(response_bytes) AS BIGINT) AS response_bytes \
-    FROM rollups WHERE cube = 2 AND granularity > 0 GROUP BY org, granularity, bucket, user_id";
-/// The former route-and-user cube's rows.
-const ROUTE_USERS: &str = "SELECT org, CAST(granularity AS BIGINT) AS granularity, \
-    CAST(bucket AS BIGINT) AS bucket, route, method, user_id FROM rollups WHERE cube = 6";
-/// Before the backfill writes: caller rows a newer collector folded meanwhile are replaced by
-/// the sums of the user cube, which holds their events too.
-const CALLERS_CLEARED: &str = "DELETE FROM rollups WHERE cube = 7";
-/// After it: the route-and-user cube is no longer read, and the backfill is done.
-const CALLERS_FILLED: [&str; 2] = [
-    "DELETE FROM rollups WHERE cube = 6",
-    "DELETE FROM rollup_backfills WHERE name = 'callers'",
-];
 
 macro_rules! both {
     ($self:expr, $pool:ident => $body:expr) => {

@@ -262,28 +262,11 @@ impl PgStore {
         sqlx::query("LOCK TABLE rollups IN SHARE ROW EXCLUSIVE MODE")
             .execute(&mut *tx)
             .await?;
-        let pending: i64 = sqlx::query_scalar(super::CALLERS_PENDING)
-            .fetch_one(&mut *tx)
-            .await?;
-        if pending == 0 {
-            return Ok(());
-        }
-        sqlx::query(super::CALLERS_CLEARED)
-            .execute(&mut *tx)
-            .await?;
-        let callers: Vec<rollup::CallerTotals> = sqlx::query_as(super::CALLER_TOTALS)
-            .fetch_all(&mut *tx)
-            .await?;
-        let route_users: Vec<rollup::RouteUser> = sqlx::query_as(super::ROUTE_USERS)
-            .fetch_all(&mut *tx)
-            .await?;
-        let deltas = rollup::backfill_deltas(&callers, &route_users);
-        if !deltas.is_empty() {
-            upsert_deltas(&mut tx, &deltas).await?;
-        }
-        for sql in super::CALLERS_FILLED {
-            sqlx::query(sql).execute(&mut *tx).await?;
-        }
+        backfill_callers_in!(tx, deltas => {
+            if !deltas.is_empty() {
+                upsert_deltas(&mut tx, &deltas).await?;
+            }
+        });
         tx.commit().await?;
         Ok(())
     }

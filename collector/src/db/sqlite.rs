@@ -165,27 +165,10 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
 pub(super) async fn backfill_callers(pool: &SqlitePool) -> Result<(), DbError> {
     let _guard = FOLD_LOCK.lock().await;
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let pending: i64 = sqlx::query_scalar(super::CALLERS_PENDING)
-        .fetch_one(&mut *tx)
-        .await?;
-    if pending == 0 {
-        return Ok(());
-    }
-    sqlx::query(super::CALLERS_CLEARED)
-        .execute(&mut *tx)
-        .await?;
-    let callers: Vec<rollup::CallerTotals> = sqlx::query_as(super::CALLER_TOTALS)
-        .fetch_all(&mut *tx)
-        .await?;
-    let route_users: Vec<rollup::RouteUser> = sqlx::query_as(super::ROUTE_USERS)
-        .fetch_all(&mut *tx)
-        .await?;
-    let deltas = rollup::backfill_deltas(&callers, &route_users);
-    let sketches = merged_sketches(&mut tx, &deltas).await?;
-    write_deltas(&mut tx, &deltas, &sketches).await?;
-    for sql in super::CALLERS_FILLED {
-        sqlx::query(sql).execute(&mut *tx).await?;
-    }
+    backfill_callers_in!(tx, deltas => {
+        let sketches = merged_sketches(&mut tx, &deltas).await?;
+        write_deltas(&mut tx, &deltas, &sketches).await?;
+    });
     tx.commit().await?;
     Ok(())
 }
