@@ -100,6 +100,18 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
+/// Percentile `q` of the probes' visibility: "n/a" when no probe was acknowledged, "> 5 s" when
+/// it falls on a probe that never showed.
+fn visible(sorted: &[Option<Duration>], q: f64) -> String {
+    if sorted.is_empty() {
+        return "n/a (no probe acked)".into();
+    }
+    match sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1] {
+        Some(d) => ms(d),
+        None => "> 5 s".into(),
+    }
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
@@ -199,8 +211,9 @@ struct OpenLoop {
     p99: Duration,
     shed: usize,
     unavailable: usize,
-    visible_p50: Duration,
-    visible_p99: Duration,
+    /// Probes acknowledged, and how long each took to show in the rollups (`None`: not within
+    /// the probe's 5 s), sorted with the `None`s last.
+    visible: Vec<Option<Duration>>,
 }
 
 async fn open_loop(server: &Server, bodies: Vec<Arc<String>>) -> OpenLoop {
@@ -242,6 +255,7 @@ async fn open_loop(server: &Server, bodies: Vec<Arc<String>>) -> OpenLoop {
                     .map(|r| r.status().is_success())
                     .unwrap_or(false);
                 if ok {
+                    let mut shown = None;
                     loop {
                         let report: serde_json::Value = match client
                             .get(format!("{url}/v1/usage"))
@@ -266,7 +280,7 @@ async fn open_loop(server: &Server, bodies: Vec<Arc<String>>) -> OpenLoop {
                             .as_array()
                             .is_some_and(|rows| rows.iter().any(|r| r["user"] == user));
                         if found {
-                            seen.push(sent.elapsed());
+                            shown = Some(sent.elapsed());
                             break;
                         }
                         if sent.elapsed() > Duration::from_secs(5) {
@@ -274,6 +288,9 @@ async fn open_loop(server: &Server, bodies: Vec<Arc<String>>) -> OpenLoop {
                         }
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
+                    // An acknowledged probe that never showed counts too: dropping it would
+                    // report only the fast ones.
+                    seen.push(shown);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -323,15 +340,14 @@ async fn open_loop(server: &Server, bodies: Vec<Arc<String>>) -> OpenLoop {
     let mut lat = latencies.lock().expect("lock").clone();
     lat.sort();
     let mut vis = probe.await.unwrap_or_default();
-    vis.sort();
+    vis.sort_by_key(|v| v.unwrap_or(Duration::MAX));
     OpenLoop {
         sustained: acked.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
         shed,
         unavailable: unavailable.load(Ordering::Relaxed),
-        visible_p50: percentile(&vis, 0.5),
-        visible_p99: percentile(&vis, 0.99),
+        visible: vis,
     }
 }
 
@@ -480,8 +496,13 @@ fn main() {
             format!("{} / {}", sqlite.open.shed, sqlite.open.unavailable),
             format!("{} / {}", postgres.open.shed, postgres.open.unavailable),
         );
-        row("  visible in rollups p50", ms(sqlite.open.visible_p50), ms(postgres.open.visible_p50));
-        row("  visible in rollups p99", ms(sqlite.open.visible_p99), ms(postgres.open.visible_p99));
+        let probes = |o: &OpenLoop| {
+            let shown = o.visible.iter().filter(|v| v.is_some()).count();
+            format!("{} / {shown}", o.visible.len())
+        };
+        row("  probes acked / shown in rollups", probes(&sqlite.open), probes(&postgres.open));
+        row("  visible in rollups p50", visible(&sqlite.open.visible, 0.5), visible(&postgres.open.visible, 0.5));
+        row("  visible in rollups p99", visible(&sqlite.open.visible, 0.99), visible(&postgres.open.visible, 0.99));
         row("raw COPY into events, 10k rows/txn (rows/s)", "-".into(), format!("{copy:.0}"));
     });
 }
