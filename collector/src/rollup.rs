@@ -564,10 +564,11 @@ impl Delta {
 /// A row's stored latency and users sketches (`None` where it has none).
 pub type Sketches = (Option<Vec<u8>>, Option<Vec<u8>>);
 
-/// Distinct users, estimated: Cloudflare's HyperLogLog++ with 2^12 registers of 6 bits. Up to
-/// 128 users it keeps their hashes, so small counts are exact (barring a 32-bit hash
-/// collision); beyond, the standard error is 1.04 / √4096 ≈ 1.6 %. Two sketches merge into the
-/// sketch of the union, so counts over many buckets stay within that error.
+/// Distinct users, estimated: Cloudflare's HyperLogLog++ with 2^12 registers of 6 bits. While a
+/// sketch (or a merge of them) holds at most 128 users it keeps their encoded hashes, so such
+/// counts are exact unless two users share a 25-bit hash prefix (about 1 in 33 million per
+/// pair); beyond, the standard error is 1.04 / √4096 ≈ 1.6 %. Two sketches merge into the sketch
+/// of the union, so counts over many buckets stay within that error.
 pub type UsersSketch = cardinality_estimator::CardinalityEstimator<str>;
 
 /// The users sketch's standard error on counts past its exact range.

@@ -430,6 +430,20 @@ async fn execute(storage: &Storage, sql: &str) {
     .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// The rollups as a collector from before migration 0006 leaves them: route-and-user rows (6),
+/// no caller rows (7), no users sketches.
+const OLDER_COLLECTOR: [&str; 3] = [
+    "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, method, \
+     status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes) \
+     SELECT 6, granularity, bucket, org, \
+     -ROW_NUMBER() OVER (ORDER BY org, granularity, bucket, route, method, user_id), \
+     user_id, route, method, 0, '', '', SUM(calls), SUM(errors), SUM(cost), \
+     SUM(request_bytes), SUM(response_bytes) FROM rollups WHERE cube = 0 AND granularity > 0 \
+     GROUP BY org, granularity, bucket, route, method, user_id",
+    "DELETE FROM rollups WHERE cube = 7",
+    "UPDATE rollups SET users_sketch = NULL",
+];
+
 async fn callers_are_backfilled_for_rows_folded_before_them(backend: Backend) {
     let app = spawn_app(backend).await;
     for batch in fixture(2_000).chunks(500) {
@@ -456,20 +470,14 @@ async fn callers_are_backfilled_for_rows_folded_before_them(backend: Backend) {
     // The rollups as a collector before migration 0006 left them: a route-and-user cube (6),
     // no caller cube (7), no users sketches; and the backfill owed.
     let storage = &app.state.storage;
-    for sql in [
-        "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, method, \
-         status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes) \
-         SELECT 6, granularity, bucket, org, \
-         -ROW_NUMBER() OVER (ORDER BY org, granularity, bucket, route, method, user_id), \
-         user_id, route, method, 0, '', '', SUM(calls), SUM(errors), SUM(cost), \
-         SUM(request_bytes), SUM(response_bytes) FROM rollups WHERE cube = 0 AND granularity > 0 \
-         GROUP BY org, granularity, bucket, route, method, user_id",
-        "DELETE FROM rollups WHERE cube = 7",
-        "UPDATE rollups SET users_sketch = NULL",
-        "INSERT INTO rollup_backfills (name) VALUES ('callers')",
-    ] {
+    for sql in OLDER_COLLECTOR {
         execute(storage, sql).await;
     }
+    execute(
+        storage,
+        "INSERT INTO rollup_backfills (name) VALUES ('callers')",
+    )
+    .await;
     let r = app.get(reports[1], &app.admin).await;
     assert_eq!(
         r.json()["rows"],
@@ -486,6 +494,18 @@ async fn callers_are_backfilled_for_rows_folded_before_them(backend: Backend) {
     storage.migrate().await.unwrap();
     let r = app.get(reports[0], &app.admin).await;
     assert_eq!(&r.json(), &before[0]);
+    // A collector from before 0006 still running folds route-and-user rows and no caller rows:
+    // the next start rebuilds both, with no marker.
+    for sql in OLDER_COLLECTOR {
+        execute(storage, sql).await;
+    }
+    let r = app.get(reports[1], &app.admin).await;
+    assert_eq!(r.json()["rows"], serde_json::json!([]));
+    storage.migrate().await.unwrap();
+    for (uri, before) in reports.iter().zip(&before) {
+        let r = app.get(uri, &app.admin).await;
+        assert_eq!(&r.json(), before, "{uri} after the second backfill");
+    }
     let left: i64 = match storage {
         Storage::Sqlite(pool) => sqlx::query_scalar(
             "SELECT (SELECT COUNT(*) FROM rollups WHERE cube = 6) \

@@ -2,8 +2,12 @@
 //! trait object: the two engines share most SQL (`$N` parameters work on both), and where they
 //! differ — the ingest write path above all — each has its own module.
 
-/// Whether migration 0006's backfill is still owed (a count: 0 or 1).
-const CALLERS_PENDING: &str = "SELECT COUNT(*) FROM rollup_backfills WHERE name = 'callers'";
+/// Whether migration 0006's backfill is owed (non-zero): the migration left its marker, or a
+/// collector from before it has folded route-and-user rows (6) since — it folds into the user
+/// cube but not the caller cube, so both are rebuilt again.
+const CALLERS_PENDING: &str =
+    "SELECT (SELECT COUNT(*) FROM rollup_backfills WHERE name = 'callers') \
+    + (SELECT COUNT(*) FROM (SELECT 1 FROM rollups WHERE cube = 6 LIMIT 1) AS older)";
 /// The caller cube's rows, summed from the user cube's (every granularity the caller cube has).
 const CALLER_TOTALS: &str = "SELECT org, CAST(granularity AS BIGINT) AS granularity, \
     CAST(bucket AS BIGINT) AS bucket, user_id, CAST(SUM(calls) AS BIGINT) AS calls, \

@@ -258,13 +258,22 @@ impl PgStore {
     /// Migration 0006's backfill (see `Storage::backfill_callers`). The table lock keeps folds
     /// (which take ROW EXCLUSIVE) and other replicas' backfills out until it commits.
     pub(super) async fn backfill_callers(&self) -> Result<(), DbError> {
+        // Checked before locking too: every start and CLI command gets here, and the lock
+        // would wait behind autovacuum and block folds for nothing.
+        let pending: i64 = sqlx::query_scalar(super::CALLERS_PENDING)
+            .fetch_one(&self.pool)
+            .await?;
+        if pending == 0 {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         sqlx::query("LOCK TABLE rollups IN SHARE ROW EXCLUSIVE MODE")
             .execute(&mut *tx)
             .await?;
         backfill_callers_in!(tx, deltas => {
-            if !deltas.is_empty() {
-                upsert_deltas(&mut tx, &deltas).await?;
+            // In chunks: one UNNEST statement per 10,000 rows keeps each message small.
+            for chunk in deltas.chunks(10_000) {
+                upsert_deltas(&mut tx, chunk).await?;
             }
         });
         tx.commit().await?;

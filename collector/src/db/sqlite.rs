@@ -163,6 +163,13 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
 /// Migration 0006's backfill (see `Storage::backfill_callers`), in one write transaction under
 /// the fold lock.
 pub(super) async fn backfill_callers(pool: &SqlitePool) -> Result<(), DbError> {
+    // Checked before taking the write lock too: every start and CLI command gets here.
+    let pending: i64 = sqlx::query_scalar(super::CALLERS_PENDING)
+        .fetch_one(pool)
+        .await?;
+    if pending == 0 {
+        return Ok(());
+    }
     let _guard = FOLD_LOCK.lock().await;
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     backfill_callers_in!(tx, deltas => {

@@ -100,9 +100,9 @@ pub struct Usage {
     /// `cost / calls` (0 when there were no calls).
     pub cost_per_call: f64,
     /// Distinct users: exact in totals and for groups of org, user, decision; for groups of
-    /// route or method, the estimate of the route rows' users sketches (exact up to 128 users
-    /// per row, 1.6 % standard error beyond); absent for groups by status class, whose count
-    /// would mean reading a row per event.
+    /// route or method, the estimate of the route rows' users sketches (exact while a group has
+    /// at most 128 users, 1.6 % standard error beyond); absent for groups by status class, whose
+    /// count would mean reading a row per event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique_users: Option<i64>,
 }
