@@ -391,7 +391,8 @@ macro_rules! report_route {
 
 report_route!(
     /// Calls, errors, cost, cost per call and unique users over a range, in total and per route
-    /// (or `group_by`).
+    /// (or `group_by`). Unique users per route or method are HyperLogLog++ estimates: exact up
+    /// to 128 users in a group, 1.6 % standard error beyond.
     overview, "/v1/reports/overview", crate::reports::Overview
 );
 report_route!(
