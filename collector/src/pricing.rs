@@ -72,18 +72,6 @@ pub struct PolicyFile {
 /// hour, day and week bucket.
 pub const MAX_ROLLED_DIMENSIONS: usize = 8;
 
-/// Names reports already use for built-in dimensions; a custom one may not take them.
-const BUILT_IN_DIMENSIONS: [&str; 8] = [
-    "org",
-    "user",
-    "route",
-    "method",
-    "status_class",
-    "decision",
-    "rule",
-    "bucket",
-];
-
 fn rolled_dimensions(value: serde_json::Value) -> Result<Vec<String>, PolicyFileError> {
     let bad = |field: String, message: String| PolicyFileError::Dimensions { field, message };
     if value.is_null() {
@@ -113,7 +101,10 @@ fn rolled_dimensions(value: serde_json::Value) -> Result<Vec<String>, PolicyFile
                 ),
             ));
         }
-        if BUILT_IN_DIMENSIONS.contains(&name.as_str()) {
+        if crate::reports::RESERVED
+            .into_iter()
+            .any(|c| crate::reports::column_name(c) == name)
+        {
             return Err(bad(field, format!("'{name}' is a built-in dimension")));
         }
         if names[..i].contains(name) {

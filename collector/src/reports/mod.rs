@@ -152,6 +152,29 @@ impl Usage {
     }
 }
 
+/// The built-in dimensions `group_by` accepts, by [`column_name`].
+pub const GROUP_BY: [Column; 6] = [
+    Column::Org,
+    Column::User,
+    Column::Route,
+    Column::Method,
+    Column::StatusClass,
+    Column::Decision,
+];
+
+/// The names a policy's custom dimension may not take: what `group_by` accepts and what reports
+/// already label their columns with.
+pub const RESERVED: [Column; 8] = [
+    Column::Org,
+    Column::User,
+    Column::Route,
+    Column::Method,
+    Column::StatusClass,
+    Column::Decision,
+    Column::Rule,
+    Column::Bucket,
+];
+
 /// The name a group column has in reports (and in `group_by`).
 pub fn column_name(c: Column) -> &'static str {
     match c {

@@ -217,14 +217,12 @@ impl ReportQuery {
             .map(str::trim)
             .filter(|p| !p.is_empty())
         {
-            let c = match part {
-                "org" => Column::Org,
-                "user" => Column::User,
-                "route" => Column::Route,
-                "method" => Column::Method,
-                "status_class" => Column::StatusClass,
-                "decision" => Column::Decision,
-                name if declared.iter().any(|d| d == name) => {
+            let built_in = super::GROUP_BY
+                .into_iter()
+                .find(|c| super::column_name(*c) == part);
+            let c = match (built_in, part) {
+                (Some(c), _) => c,
+                (None, name) if declared.iter().any(|d| d == name) => {
                     if custom.as_deref().is_some_and(|c| c != name) {
                         return Err(bad(
                             "group_by",
@@ -234,7 +232,7 @@ impl ReportQuery {
                     custom = Some(name.to_owned());
                     Column::Dimension
                 }
-                other => {
+                (None, other) => {
                     let declared = if declared.is_empty() {
                         "none".to_owned()
                     } else {
@@ -243,9 +241,9 @@ impl ReportQuery {
                     return Err(bad(
                         "group_by",
                         format!(
-                            "unknown dimension '{other}' (org, user, route, method, \
-                             status_class, decision; custom ones the policy declares: \
-                             {declared})"
+                            "unknown dimension '{other}' ({}; custom ones the policy \
+                             declares: {declared})",
+                            super::GROUP_BY.map(super::column_name).join(", ")
                         ),
                     ));
                 }
