@@ -10,7 +10,7 @@
 //! and passes their paths in `TOLLGATE_FILTER_WASM` and `TOLLGATE_ENVOY`; without them the
 //! harness looks in the usual places and otherwise fails, saying to run `cargo xtask test`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -91,10 +91,23 @@ pub fn envoy_binary() -> Result<PathBuf> {
     bail!("Envoy is not installed; {RUN_XTASK}")
 }
 
-/// A free loopback port (bound, read, released).
+/// A free loopback port (bound, read, released), never one this process handed out before.
+///
+/// The kernel may give a just-released port to the next `bind(0)`: CI once saw Envoy's admin and
+/// listener ports come out equal, so Envoy could not bind its listener.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
-    Ok(listener.local_addr()?.port())
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    for _ in 0..64 {
+        let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
+        let port = listener.local_addr()?.port();
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("64 loopback ports in a row were ones this test process already used")
 }
 
 /// Polls `check` every 25 ms until it succeeds or `within` passes; the last error explains.
@@ -751,6 +764,22 @@ impl Envoy {
 
     /// Starts Envoy and waits (bounded) until it is ready and its listener accepts.
     pub fn start(spec: &EnvoySpec) -> Result<Self> {
+        // A port found free can be taken by another process before Envoy binds it; new ports
+        // then, a bounded number of times.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(spec) {
+                Err(error)
+                    if attempt < 3 && format!("{error:#}").contains("Address already in use") =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(spec: &EnvoySpec) -> Result<Self> {
         let mut envoy = Self::spawn(spec, "envoy")?;
         let ready = eventually(Duration::from_secs(30), || {
             if let Ok(Some(status)) = envoy.child.try_wait() {
