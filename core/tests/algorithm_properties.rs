@@ -1,4 +1,5 @@
-//! Property tests for the seven limiting algorithms in `tollgate_core::algorithm`.
+//! Property tests for the seven limiting algorithms in `tollgate_core::algorithm`, and for the
+//! nanosecond forms of the token bucket and GCRA (which must answer as the exact forms do).
 //!
 //! Every algorithm is driven through arbitrary arrival sequences (a start time plus random gaps:
 //! zero, tiny, a fraction or a few multiples of the algorithm's window or period, or months),
@@ -21,8 +22,8 @@ use chrono::Datelike;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use tollgate_core::algorithm::{
-    Algorithm, CalendarPeriod, CalendarQuota, Concurrency, FixedWindow, Gcra, Limiter, Outcome,
-    SlidingLog, SlidingLogState, SlidingWindow, TokenBucket,
+    Algorithm, CalendarPeriod, CalendarQuota, Concurrency, FixedWindow, Gcra, GcraNanos, Limiter,
+    Outcome, SlidingLog, SlidingLogState, SlidingWindow, TokenBucket, TokenBucketNanos,
 };
 use tollgate_core::time::{Timestamp, NANOS_PER_SEC};
 
@@ -273,6 +274,31 @@ fn gcra() -> impl Strategy<Value = (Gcra, Shape)> {
     bucket_params().prop_map(|(rate, period, burst)| {
         let shape = bucket_shape((rate, period, burst));
         (Gcra::new(rate, period, burst).unwrap(), shape)
+    })
+}
+
+/// Bucket parameters whose interval `period / rate` is a whole number of nanoseconds (and
+/// `burst` intervals fit a `u64`), so the nanosecond forms apply.
+fn nanos_params() -> impl Strategy<Value = (u64, u64, u64)> {
+    let intervals = prop_oneof![2 => 1..=1000u64, 2 => 1..=SEC, 1 => SEC..=3600 * SEC];
+    (limits(), intervals, limits()).prop_filter_map("exact in u64 ns", |(rate, interval, burst)| {
+        burst.checked_mul(interval)?;
+        Some((rate, rate.checked_mul(interval)?, burst))
+    })
+}
+
+fn token_bucket_nanos() -> impl Strategy<Value = (TokenBucketNanos, Shape)> {
+    nanos_params().prop_map(|(rate, period, burst)| {
+        let shape = bucket_shape((rate, period, burst));
+        let nanos = TokenBucketNanos::new(rate, period, burst).unwrap().unwrap();
+        (nanos, shape)
+    })
+}
+
+fn gcra_nanos() -> impl Strategy<Value = (GcraNanos, Shape)> {
+    nanos_params().prop_map(|(rate, period, burst)| {
+        let shape = bucket_shape((rate, period, burst));
+        (GcraNanos::new(rate, period, burst).unwrap().unwrap(), shape)
     })
 }
 
@@ -945,6 +971,10 @@ shared_properties!(token_bucket, token_bucket(), Limiter::TokenBucket,
     leases: false, tight: true, variable_len: false);
 shared_properties!(gcra, gcra(), Limiter::Gcra,
     leases: false, tight: true, variable_len: false);
+shared_properties!(token_bucket_nanos, token_bucket_nanos(), Limiter::TokenBucketNanos,
+    leases: false, tight: true, variable_len: false);
+shared_properties!(gcra_nanos, gcra_nanos(), Limiter::GcraNanos,
+    leases: false, tight: true, variable_len: false);
 shared_properties!(fixed_window, fixed_window(), Limiter::FixedWindow,
     leases: false, tight: true, variable_len: false);
 shared_properties!(sliding_window, sliding_window(), Limiter::SlidingWindow,
@@ -988,7 +1018,57 @@ fn decodes<A: Algorithm>(bytes: &[u8]) -> bool {
     A::decode(bytes).is_ok()
 }
 
+/// Runs both forms over one sequence; every outcome (verdict and header numbers) must agree.
+fn prop_same_answers<A: Algorithm, B: Algorithm>(a: &A, b: &B, seq: &[(Timestamp, Op)]) -> R {
+    let (exact, nanos) = (run(a, seq), run(b, seq));
+    for (i, (x, y)) in exact.iter().zip(&nanos).enumerate() {
+        prop_assert_eq!(
+            x.outcome,
+            y.outcome,
+            "step {} ({:?} at {:?})",
+            i,
+            x.op,
+            x.at
+        );
+    }
+    Ok(())
+}
+
 proptest! {
+    #[test]
+    fn token_bucket_nanos_answers_as_the_exact_form_while_time_moves_forward(
+        (rate, period, burst) in nanos_params(), start in starts(), raw in mixed(Clock::Forward)
+    ) {
+        let exact = TokenBucket::new(rate, period, burst).unwrap();
+        let nanos = exact.in_nanos().unwrap();
+        let seq = resolve(start, &raw, bucket_shape((rate, period, burst)));
+        prop_same_answers(&exact, &nanos, &seq)?;
+    }
+
+    #[test]
+    fn gcra_nanos_answers_as_the_exact_form(
+        (rate, period, burst) in nanos_params(), start in starts(), raw in mixed(Clock::Any)
+    ) {
+        let exact = Gcra::new(rate, period, burst).unwrap();
+        let nanos = exact.in_nanos().unwrap();
+        let seq = resolve(start, &raw, bucket_shape((rate, period, burst)));
+        prop_same_answers(&exact, &nanos, &seq)?;
+    }
+
+    #[test]
+    fn nanos_forms_allow_at_most_burst_plus_rate_even_when_the_clock_steps_back(
+        params in nanos_params(), start in starts(), raw in arrivals(Clock::Any)
+    ) {
+        let (rate, period, burst) = params;
+        let shape = bucket_shape(params);
+        let bucket = TokenBucketNanos::new(rate, period, burst).unwrap().unwrap();
+        let trace = run(&bucket, &resolve(start, &raw, shape));
+        check_rate_bound(&trace, &running_max(&trace), params)?;
+        let meter = GcraNanos::new(rate, period, burst).unwrap().unwrap();
+        let trace = run(&meter, &resolve(start, &raw, shape));
+        check_rate_bound(&trace, &running_max(&trace), params)?;
+    }
+
     #[test]
     fn token_bucket_allows_at_most_burst_plus_rate(
         params in bucket_params(), start in starts(), raw in arrivals(Clock::Forward)

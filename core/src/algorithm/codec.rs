@@ -25,7 +25,9 @@ pub enum StateError {
 /// Tags: high nibble the algorithm, low nibble the layout version.
 pub(crate) mod tag {
     pub const TOKEN_BUCKET: u8 = 0x11;
+    pub const TOKEN_BUCKET_NANOS: u8 = 0x12;
     pub const GCRA: u8 = 0x21;
+    pub const GCRA_NANOS: u8 = 0x22;
     pub const FIXED_WINDOW: u8 = 0x31;
     pub const SLIDING_WINDOW: u8 = 0x41;
     pub const SLIDING_LOG: u8 = 0x52; // 0x51 had no high-water mark

@@ -22,10 +22,10 @@ pub use calendar_quota::{CalendarPeriod, CalendarQuota, CalendarQuotaState};
 pub use codec::StateError;
 pub use concurrency::{Concurrency, ConcurrencyState};
 pub use fixed_window::{FixedWindow, FixedWindowState};
-pub use gcra::{Gcra, GcraState};
+pub use gcra::{Gcra, GcraNanos, GcraNanosState, GcraState};
 pub use sliding_log::{SlidingLog, SlidingLogState};
 pub use sliding_window::{SlidingWindow, SlidingWindowState};
-pub use token_bucket::{TokenBucket, TokenBucketState};
+pub use token_bucket::{TokenBucket, TokenBucketNanos, TokenBucketNanosState, TokenBucketState};
 
 use crate::time::Timestamp;
 
@@ -115,8 +115,12 @@ pub enum LimitKind {
 pub enum Limiter {
     /// Token bucket.
     TokenBucket(TokenBucket),
+    /// Token bucket whose state is one `u64` (the compiler's choice when that is exact).
+    TokenBucketNanos(TokenBucketNanos),
     /// GCRA (leaky bucket as a meter).
     Gcra(Gcra),
+    /// GCRA on a `u64` nanosecond TAT (the compiler's choice when that is exact).
+    GcraNanos(GcraNanos),
     /// Fixed window counter.
     FixedWindow(FixedWindow),
     /// Sliding window counter (two-window weighted estimate).
@@ -134,7 +138,9 @@ macro_rules! dispatch {
     ($limiter:expr, $a:ident => $body:expr) => {
         match $limiter {
             Limiter::TokenBucket($a) => $body,
+            Limiter::TokenBucketNanos($a) => $body,
             Limiter::Gcra($a) => $body,
+            Limiter::GcraNanos($a) => $body,
             Limiter::FixedWindow($a) => $body,
             Limiter::SlidingWindow($a) => $body,
             Limiter::SlidingLog($a) => $body,
@@ -224,7 +230,9 @@ impl Limiter {
     pub fn window_secs(&self, now: Timestamp) -> Option<u64> {
         match self {
             Limiter::TokenBucket(a) => Some(a.window_secs()),
+            Limiter::TokenBucketNanos(a) => Some(a.window_secs()),
             Limiter::Gcra(a) => Some(a.window_secs()),
+            Limiter::GcraNanos(a) => Some(a.window_secs()),
             Limiter::FixedWindow(a) => Some(a.window_secs()),
             Limiter::SlidingWindow(a) => Some(a.window_secs()),
             Limiter::SlidingLog(a) => Some(a.window_secs()),

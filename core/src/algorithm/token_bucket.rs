@@ -7,6 +7,7 @@
 
 use super::codec::{tag, Reader, Writer};
 use super::divisor::Divisor;
+use super::gcra::{Gcra, GcraNanos};
 use super::{Algorithm, Outcome, ParamError, StateError};
 use crate::time::{saturate_u64, Timestamp, NANOS_PER_SEC};
 
@@ -47,6 +48,14 @@ impl TokenBucket {
             burst,
             capacity: u128::from(burst) * u128::from(period_nanos),
         })
+    }
+
+    /// The same bucket kept as the time it will be full again, in `u64` nanoseconds, when that
+    /// is exact: one token refills in a whole number of ns and a full bucket's refill time fits
+    /// in a `u64`. `TokenBucketNanos` says how its answers relate to this form's.
+    pub fn in_nanos(&self) -> Option<TokenBucketNanos> {
+        let meter = Gcra::new(self.rate.get(), self.period.get(), self.burst).ok()?;
+        Some(TokenBucketNanos(meter.in_nanos()?))
     }
 
     /// The refill period in whole seconds (at least 1), for `RateLimit-Policy`.
@@ -140,6 +149,69 @@ impl Algorithm for TokenBucket {
             deficit: r.u128()?,
             last: Timestamp::from_nanos(r.u64()?),
         })
+    }
+}
+
+/// A token bucket on one `u64`: the time in nanoseconds at which it will be full again, for
+/// buckets whose token refills in a whole number of ns (the policy compiler picks it when it
+/// applies). Half the state of [`TokenBucket`], which keeps a `u128` deficit and its time.
+///
+/// A bucket's deficit at `now` is `(full_at − now) × rate` units, so this is GCRA's meter (the
+/// TAT *is* the time the bucket is full; the two algorithms are one, seen from either end) and
+/// it runs on [`GcraNanos`]. While time moves forward its decisions and outcomes are
+/// [`TokenBucket`]'s exactly. When the clock steps back the exact form refills nothing and
+/// keeps its deficit, while this one counts the step as time not yet passed: a deficit larger
+/// by `step × rate`. Both are safe readings (neither grants extra); this one is the stricter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenBucketNanos(GcraNanos);
+
+/// [`TokenBucketNanos`] state: when the bucket is full again, in ns since the epoch (0 = full).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenBucketNanosState {
+    /// The instant the bucket refills to `burst`.
+    pub full_at: u64,
+}
+
+impl TokenBucketNanos {
+    /// `rate` tokens per `period_nanos` holding at most `burst`, if exact in nanoseconds.
+    pub fn new(rate: u64, period_nanos: u64, burst: u64) -> Result<Option<Self>, ParamError> {
+        Ok(TokenBucket::new(rate, period_nanos, burst)?.in_nanos())
+    }
+
+    /// The refill period in whole seconds (at least 1), for `RateLimit-Policy`.
+    pub fn window_secs(&self) -> u64 {
+        self.0.window_secs()
+    }
+}
+
+impl Algorithm for TokenBucketNanos {
+    type State = TokenBucketNanosState;
+
+    #[inline]
+    fn acquire(&self, state: &Self::State, now: Timestamp, cost: u64) -> (Outcome, Self::State) {
+        let (outcome, full_at) = self.0.acquire_tat(state.full_at, now, cost);
+        (outcome, TokenBucketNanosState { full_at })
+    }
+
+    fn refund(&self, state: &Self::State, _now: Timestamp, cost: u64) -> Self::State {
+        TokenBucketNanosState {
+            full_at: self.0.refund_tat(state.full_at, cost),
+        }
+    }
+
+    fn charge(&self, state: &Self::State, now: Timestamp, cost: u64) -> Self::State {
+        TokenBucketNanosState {
+            full_at: self.0.charge_tat(state.full_at, now, cost),
+        }
+    }
+
+    fn encode(state: &Self::State, out: &mut Vec<u8>) {
+        Writer::new(out, tag::TOKEN_BUCKET_NANOS).u64(state.full_at);
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self::State, StateError> {
+        let mut r = Reader::exact(bytes, tag::TOKEN_BUCKET_NANOS, 8)?;
+        Ok(TokenBucketNanosState { full_at: r.u64()? })
     }
 }
 

@@ -510,11 +510,21 @@ fn limiter(spec: &RuleSpec, limit: u64, field: &str) -> Result<Limiter, PolicyEr
     forbid(!concurrency && spec.max_hold.is_some(), "max_hold")?;
     forbid((calendar || concurrency) && spec.window.is_some(), "window")?;
     Ok(match spec.algorithm {
+        // The nanosecond forms keep half the state and answer the same; they apply when one
+        // token's (one request's) interval is a whole number of nanoseconds.
         AlgorithmKind::TokenBucket => {
-            Limiter::TokenBucket(TokenBucket::new(limit, require_window()?, burst).map_err(param)?)
+            let bucket = TokenBucket::new(limit, require_window()?, burst).map_err(param)?;
+            match bucket.in_nanos() {
+                Some(nanos) => Limiter::TokenBucketNanos(nanos),
+                None => Limiter::TokenBucket(bucket),
+            }
         }
         AlgorithmKind::Gcra => {
-            Limiter::Gcra(Gcra::new(limit, require_window()?, burst).map_err(param)?)
+            let gcra = Gcra::new(limit, require_window()?, burst).map_err(param)?;
+            match gcra.in_nanos() {
+                Some(nanos) => Limiter::GcraNanos(nanos),
+                None => Limiter::Gcra(gcra),
+            }
         }
         AlgorithmKind::FixedWindow => {
             Limiter::FixedWindow(FixedWindow::new(limit, require_window()?).map_err(param)?)
@@ -814,10 +824,11 @@ mod tests {
         .unwrap();
         let before = Timestamp::from_secs(1_800_000_000);
         let o = p.override_for("api", Some("alice"), None, before).unwrap();
-        let Some(Limiter::TokenBucket(tb)) = o.replacement.as_ref().map(|r| &r.limiter) else {
+        let Some(Limiter::TokenBucketNanos(tb)) = o.replacement.as_ref().map(|r| &r.limiter) else {
             panic!()
         };
-        assert_eq!(tb, &TokenBucket::new(100, NANOS_PER_SEC, 200).unwrap());
+        let expected = TokenBucket::new(100, NANOS_PER_SEC, 200).unwrap();
+        assert_eq!(Some(tb), expected.in_nanos().as_ref());
         assert!(p.override_for("api", Some("bob"), None, before).is_none());
         assert!(p
             .override_for(
@@ -827,6 +838,24 @@ mod tests {
                 Timestamp::from_secs(1_900_000_000)
             )
             .is_none());
+    }
+
+    #[test]
+    fn buckets_take_the_nanosecond_form_only_when_it_is_exact() {
+        let p = Policy::from_json(
+            r#"{"version":1,"rules":[
+                {"name":"whole","algorithm":"token_bucket","limit":100,"window":"1h"},
+                {"name":"thirds","algorithm":"token_bucket","limit":7,"window":"1h"},
+                {"name":"meter","algorithm":"gcra","limit":1000,"burst":50,"window":"1s"},
+                {"name":"meter_thirds","algorithm":"gcra","limit":3,"window":"1s"}]}"#,
+        )
+        .unwrap();
+        let limiter = |name: &str| &p.rule_named(name).unwrap().limiter;
+        assert!(matches!(limiter("whole"), Limiter::TokenBucketNanos(_)));
+        assert!(matches!(limiter("meter"), Limiter::GcraNanos(_)));
+        // 3600 s / 7 and 1 s / 3 are not whole nanoseconds: the exact u128 forms.
+        assert!(matches!(limiter("thirds"), Limiter::TokenBucket(_)));
+        assert!(matches!(limiter("meter_thirds"), Limiter::Gcra(_)));
     }
 
     #[test]
