@@ -7,7 +7,11 @@
 //! Lines, in each workload:
 //! - `tollgate_token_bucket`, `tollgate_gcra`: the typed API's `Algorithm::decide`, a state
 //!   value per key (one local state for a single key, a `HashMap<u64, State>` for many): the
-//!   verdict and the next state, the same work governor's `check` does;
+//!   verdict and the next state, the same work governor's `check` does. The algorithms are the
+//!   forms the policy compiler picks for this quota (`TokenBucketNanos`, `GcraNanos`: one
+//!   request per 1,000 ns is a whole number of nanoseconds, so a `u64` state is exact);
+//! - `tollgate_token_bucket_exact`, `tollgate_gcra_exact` (paired comparison only): the `u128`
+//!   forms a rule gets when its interval is not a whole number of nanoseconds (e.g. 7/hour);
 //! - `tollgate_gcra_with_headers`: `Algorithm::acquire`, which also computes every number the
 //!   response headers need (remaining, reset, retry-after), as the edges do per request;
 //! - `tollgate_limiter_bytes`: the `Limiter` enum (GCRA) over byte-encoded state in a
@@ -29,9 +33,9 @@
 //! - Output: governor returns `Ok(())` or a `NotUntil` snapshot and computes the wait only when
 //!   asked; Tollgate's `decide` lines likewise return only the verdict. The `_with_headers` and
 //!   byte lines compute the whole `Outcome` and keep it alive with `black_box`.
-//! - Memory per key: governor keeps 8 bytes (an `AtomicU64`) beside the key; Tollgate's
-//!   `GcraState` is 16 bytes, `TokenBucketState` 24 (both `u128`-based, for exact arithmetic);
-//!   the byte path keeps a 24-byte `Vec` header plus a heap allocation per key.
+//! - Memory per key: governor keeps 8 bytes (an `AtomicU64`) beside the key, as do Tollgate's
+//!   nanosecond forms; the exact forms keep 16 (`GcraState`) and 24 (`TokenBucketState`); the
+//!   byte path keeps a 24-byte `Vec` header plus a heap allocation per key.
 //!
 //! Before measuring, every line is primed until its keys are in steady state, then the share of
 //! decisions allowed over a further window is printed: the lines must agree, which shows they did
@@ -49,7 +53,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use tollgate_core::algorithm::{Gcra, TokenBucket};
+use tollgate_core::algorithm::{Gcra, GcraNanos, TokenBucket, TokenBucketNanos};
 use tollgate_core::time::NANOS_PER_SEC;
 use tollgate_core::{Algorithm, Limiter, Timestamp};
 
@@ -215,7 +219,7 @@ impl<A: Algorithm, S: Slots<A::State>> Subject for Typed<A, S> {
 
 /// Tollgate's dynamic `Limiter` over byte-encoded state, as stored in KV.
 struct Bytes<S> {
-    /// The limiter (GCRA here).
+    /// The limiter (GCRA in its nanosecond form here).
     limiter: Limiter,
     /// Per-key encoded states; an empty `Vec` is a key never seen.
     states: S,
@@ -326,16 +330,31 @@ fn quota() -> Quota {
     Quota::per_second(rate).allow_burst(burst)
 }
 
-/// Tollgate's token bucket with the same parameters.
-fn token_bucket() -> TokenBucket {
+/// Tollgate's token bucket with the same parameters, in its exact `u128` form.
+fn token_bucket_exact() -> TokenBucket {
     TokenBucket::new(RATE_PER_SEC.into(), NANOS_PER_SEC, BURST.into())
         .unwrap_or_else(|e| panic!("token bucket parameters: {e}"))
 }
 
-/// Tollgate's GCRA with the same parameters.
-fn gcra() -> Gcra {
+/// The token bucket as the policy compiler builds it for this quota: one token per 1,000 ns is
+/// a whole number of nanoseconds, so the `u64` form (`policy::compile` makes the same choice).
+fn token_bucket() -> TokenBucketNanos {
+    token_bucket_exact()
+        .in_nanos()
+        .unwrap_or_else(|| panic!("1,000,000/s has a whole-nanosecond interval"))
+}
+
+/// Tollgate's GCRA with the same parameters, in its exact `u128` form.
+fn gcra_exact() -> Gcra {
     Gcra::new(RATE_PER_SEC.into(), NANOS_PER_SEC, BURST.into())
         .unwrap_or_else(|e| panic!("GCRA parameters: {e}"))
+}
+
+/// GCRA as the policy compiler builds it for this quota (the `u64` nanosecond form).
+fn gcra() -> GcraNanos {
+    gcra_exact()
+        .in_nanos()
+        .unwrap_or_else(|| panic!("1,000,000/s has a whole-nanosecond interval"))
 }
 
 /// One measured iteration: advance the clock, then `BATCH` decisions. Returns how many were
@@ -407,7 +426,7 @@ fn single_key(c: &mut Criterion) {
         &mut g,
         w,
         "tollgate_limiter_bytes",
-        Bytes::<One<_>>::new(Limiter::Gcra(gcra())),
+        Bytes::<One<_>>::new(Limiter::GcraNanos(gcra())),
     );
     bench_line(&mut g, w, "governor_gcra", GovernorDirect::new());
     g.finish();
@@ -434,7 +453,7 @@ fn keys_10k(c: &mut Criterion) {
         &mut g,
         w,
         "tollgate_limiter_bytes",
-        Bytes::<Map<_>>::new(Limiter::Gcra(gcra())),
+        Bytes::<Map<_>>::new(Limiter::GcraNanos(gcra())),
     );
     bench_line(&mut g, w, "governor_gcra", GovernorKeyed::new());
     g.finish();
@@ -557,6 +576,16 @@ fn paired_all() {
                 w,
             ),
             Paired::boxed("tollgate_gcra", Typed::<_, One<_>>::new(gcra()), w),
+            Paired::boxed(
+                "tollgate_token_bucket_exact",
+                Typed::<_, One<_>>::new(token_bucket_exact()),
+                w,
+            ),
+            Paired::boxed(
+                "tollgate_gcra_exact",
+                Typed::<_, One<_>>::new(gcra_exact()),
+                w,
+            ),
             Paired::boxed("governor_gcra", GovernorDirect::new(), w),
         ],
     );
@@ -570,6 +599,16 @@ fn paired_all() {
                 w,
             ),
             Paired::boxed("tollgate_gcra", Typed::<_, Map<_>>::new(gcra()), w),
+            Paired::boxed(
+                "tollgate_token_bucket_exact",
+                Typed::<_, Map<_>>::new(token_bucket_exact()),
+                w,
+            ),
+            Paired::boxed(
+                "tollgate_gcra_exact",
+                Typed::<_, Map<_>>::new(gcra_exact()),
+                w,
+            ),
             Paired::boxed("governor_gcra", GovernorKeyed::new(), w),
         ],
     );
