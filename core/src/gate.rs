@@ -96,10 +96,17 @@ impl Policy {
         req: &HttpRequest<'a>,
         key_holder: &'a mut Option<String>,
     ) -> Credentials<'a> {
-        *key_holder = self.identity.api_key_headers.iter().find_map(|name| {
-            let value = (req.header)(name)?; // lower-cased when the policy compiled
-            api_key_from_header(name, &value).map(str::to_string)
-        });
+        // A policy with no keys can match none, and an unmatched key identifies no one: the
+        // headers are not read then (each read is a host call at the edges).
+        *key_holder = self
+            .identifies_by_api_key()
+            .then(|| {
+                self.identity.api_key_headers.iter().find_map(|name| {
+                    let value = (req.header)(name)?; // lower-cased when the policy compiled
+                    api_key_from_header(name, &value).map(str::to_string)
+                })
+            })
+            .flatten();
         Credentials {
             api_key: key_holder.as_deref(),
             claims: req.claims.clone(),
@@ -158,5 +165,50 @@ impl Policy {
                 body,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::MemoryStore;
+
+    /// The header names `gate` read for one request under `policy`.
+    fn headers_read(policy: &str) -> Vec<String> {
+        let policy = Policy::from_json(policy).unwrap();
+        let read = RefCell::new(Vec::new());
+        let lookup = |name: &str| {
+            read.borrow_mut().push(name.to_string());
+            None
+        };
+        let req = HttpRequest {
+            method: "GET",
+            path: "/v1/items",
+            header: &lookup,
+            client_ip: Some("10.0.0.1"),
+            claims: None,
+            cost: 1,
+        };
+        let mut store = MemoryStore::default();
+        let now = Timestamp::from_secs(1_800_000_000);
+        policy.gate(&GateOptions::default(), &req, now, &mut store);
+        read.into_inner()
+    }
+
+    #[test]
+    fn api_key_headers_are_read_only_when_a_key_could_match() {
+        let with_key = format!(
+            r#"{{"version":1,"keys":[{{"id":"k1","hash":"{}","plan":"pro"}}]}}"#,
+            crate::hash::sha256_tagged("sk_1")
+        );
+        assert_eq!(headers_read(&with_key), ["x-api-key", "authorization"]);
+        assert!(headers_read(r#"{"version":1}"#).is_empty());
+        let ip_only = with_key.replace(
+            r#""version":1,"#,
+            r#""version":1,"identity":{"sources":["client_ip"]},"#,
+        );
+        assert!(headers_read(&ip_only).is_empty());
     }
 }

@@ -74,6 +74,11 @@ pub fn api_key_from_header<'v>(name: &str, value: &'v str) -> Option<&'v str> {
 }
 
 impl Policy {
+    /// Whether an API key can identify anyone: the policy lists keys and tries that source.
+    pub fn identifies_by_api_key(&self) -> bool {
+        !self.keys.is_empty() && self.identity.sources.contains(&IdentitySource::ApiKey)
+    }
+
     /// Resolves the caller from `credentials`, trying the configured sources in order.
     pub fn identify(&self, credentials: &Credentials<'_>) -> Identity {
         for source in &self.identity.sources {
