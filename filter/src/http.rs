@@ -255,9 +255,9 @@ impl Request {
                 .metrics
                 .add(Metric::FailOpen, u64::from(stats.failures));
         }
-        let Some(queue) = self.rt.queue else {
+        if self.rt.queue.is_none() {
             return;
-        };
+        }
         let status = host::property_u64(&["response", "code"])
             .and_then(|c| u16::try_from(c).ok())
             .filter(|c| (100..=599).contains(c))
@@ -313,16 +313,7 @@ impl Request {
                 return;
             }
         };
-        match hostcalls::enqueue_shared_queue(queue, Some(json.as_bytes())) {
-            Ok(()) => self.rt.metrics.inc(Metric::EventsQueued),
-            Err(s) => {
-                self.rt.metrics.inc(Metric::EventsDropped);
-                host::log(
-                    LogLevel::Warn,
-                    &format!("tollgate: cannot queue a usage event: {s:?}"),
-                );
-            }
-        }
+        self.rt.queue_event(&json);
     }
 }
 

@@ -2,7 +2,7 @@
 //! request of this worker shares, and on its tick flushes usage events (when it holds the
 //! flusher lease) and follows policy updates.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use tollgate_core::hash::fingerprint;
 use tollgate_core::Policy;
 
 use crate::config::{Compiled, Settings};
-use crate::events::{acquire_lease, Flush, Outbox, Outcome};
+use crate::events::{acquire_lease, chunk_events, Chunk, Flush, Outbox, Outcome};
 use crate::host::{self, Host};
 use crate::http::Request;
 use crate::metrics::{Metric, Metrics};
@@ -44,6 +44,42 @@ pub struct Runtime {
     pub ids: Rc<Cell<Option<EventIdGenerator>>>,
     /// Seed for a fresh generator, should the cell ever be empty.
     pub seed: u64,
+    /// Events of this VM not yet on the shared queue (kept across policy swaps).
+    pub pending: Rc<RefCell<Chunk>>,
+}
+
+impl Runtime {
+    /// Gathers one event's JSON; puts the chunk on the shared queue once it is full.
+    pub fn queue_event(&self, json: &str) {
+        let full = self.pending.borrow_mut().push(json);
+        if let Some((chunk, count)) = full {
+            self.enqueue(&chunk, count);
+        }
+    }
+
+    /// Puts whatever this VM has gathered on the shared queue (every tick, and at shutdown).
+    pub fn flush_pending(&self) {
+        let gathered = self.pending.borrow_mut().take();
+        if let Some((chunk, count)) = gathered {
+            self.enqueue(&chunk, count);
+        }
+    }
+
+    fn enqueue(&self, chunk: &str, count: usize) {
+        let Some(queue) = self.queue else {
+            return;
+        };
+        match hostcalls::enqueue_shared_queue(queue, Some(chunk.as_bytes())) {
+            Ok(()) => self.metrics.add(Metric::EventsQueued, count as u64),
+            Err(s) => {
+                self.metrics.add(Metric::EventsDropped, count as u64);
+                host::log(
+                    LogLevel::Warn,
+                    &format!("tollgate: cannot queue {count} usage events: {s:?}"),
+                );
+            }
+        }
+    }
 }
 
 /// The batch in flight: call token, events in it, when it left.
@@ -153,6 +189,10 @@ impl Root {
             metrics: self.metrics.clone(),
             ids: Rc::new(Cell::new(Some(EventIdGenerator::new(self.owner)))),
             seed: self.owner,
+            pending: self
+                .runtime
+                .as_ref()
+                .map_or_else(Rc::default, |rt| rt.pending.clone()),
             settings,
         }));
         self.applied_policy_cas = None;
@@ -178,12 +218,24 @@ impl Root {
         };
         // Take at most what fits, plus one batch: the cap applies to what is held, and
         // dequeuing a little past it keeps the shared queue (which Envoy does not bound) short.
+        // Items are chunks of up to `CHUNK_EVENTS` events.
         let limit = outbox.room() + rt.settings.batching.batch_size;
-        for _ in 0..limit {
+        let mut taken = 0;
+        while taken < limit {
             match hostcalls::dequeue_shared_queue(queue) {
                 Ok(Some(bytes)) => match String::from_utf8(bytes) {
-                    Ok(event) => rt.metrics.add(Metric::EventsDropped, outbox.push(event)),
-                    Err(_) => rt.metrics.inc(Metric::EventsDropped),
+                    Ok(chunk) => {
+                        for event in chunk_events(&chunk) {
+                            taken += 1;
+                            let dropped = outbox.push(event.to_string());
+                            rt.metrics.add(Metric::EventsDropped, dropped);
+                        }
+                    }
+                    // Not ours to read: one chunk, its event count unknown.
+                    Err(_) => {
+                        taken += 1;
+                        rt.metrics.inc(Metric::EventsDropped);
+                    }
                 },
                 Ok(None) => break,
                 Err(s) => {
@@ -307,6 +359,7 @@ impl Root {
                     queue: rt.queue,
                     ids: rt.ids.clone(),
                     seed: rt.seed,
+                    pending: rt.pending.clone(),
                 }));
             }
             Err(e) => host::log(
@@ -395,6 +448,15 @@ fn next_vm_seq() -> u64 {
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        // The VM is going away (a configuration change, a drain): what it gathered goes on the
+        // shared queue, which outlives it, for the next flusher.
+        if let Some(rt) = &self.runtime {
+            rt.flush_pending();
+        }
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -450,6 +512,7 @@ impl RootContext for Root {
         let Some(rt) = self.runtime.clone() else {
             return;
         };
+        rt.flush_pending();
         let now_ms = Self::now_ms();
         let owner = match acquire_lease(&Host, self.owner, now_ms, self.lease_ttl_ms()) {
             Ok(owner) => owner,
