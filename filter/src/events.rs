@@ -16,6 +16,10 @@
 //! the buffer is full the oldest waiting event is dropped and counted; nothing is dropped
 //! silently.
 //!
+//! **Chunks.** Each worker's VM gathers its events in a [`Chunk`] and enqueues it every
+//! [`CHUNK_EVENTS`] events, on every tick and when the VM is done, so the shared queue carries
+//! one item per chunk rather than per request.
+//!
 //! **Limits.** The buffer lives in the flushing VM's memory: events it holds when Envoy replaces
 //! that VM (a configuration change, a restart) are lost with it; events still on the shared
 //! queue survive a configuration change and are sent by the next lease holder. Envoy does not
