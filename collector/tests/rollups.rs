@@ -525,6 +525,71 @@ async fn callers_are_backfilled_for_rows_folded_before_them(backend: Backend) {
     assert_eq!(left, 0);
 }
 
+/// PostgreSQL's fast path COPYs events it has just checked are new; an id that another
+/// transaction stores in between makes COPY fail, and the group goes again through the path that
+/// skips stored ids. Forced here: the other transaction holds the id uncommitted while the write
+/// checks, and commits once the write waits on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_event_stored_meanwhile_by_another_transaction_is_a_duplicate() {
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let storage = db.storage().await;
+    let Storage::Postgres(pg) = &storage else {
+        unreachable!("a PostgreSQL database")
+    };
+    let mut fx = Fixture::new(5);
+    let events = fx.events("acme", 3);
+    let mut other = pg.pool.begin().await.unwrap();
+    let columns = tollgate_collector::db::EVENT_COLUMNS;
+    let mut copy = other
+        .copy_in_raw(&format!("COPY events ({columns}) FROM STDIN"))
+        .await
+        .unwrap();
+    copy.send(tollgate_collector::db::copy_text(&events[..1]).as_bytes())
+        .await
+        .unwrap();
+    copy.finish().await.unwrap();
+    sqlx::query(
+        "INSERT INTO rollup_queue (ts, org, user_id, route, method, status, decision, \
+         latency_us, request_bytes, response_bytes, cost) \
+         VALUES ($1, 'acme', '', '/', 'GET', 200, 'allowed', 1, 0, 0, 1)",
+    )
+    .bind(events[0].timestamp.timestamp())
+    .execute(&mut *other)
+    .await
+    .unwrap();
+
+    let write = {
+        let (storage, events) = (storage.clone(), events.clone());
+        tokio::spawn(async move { storage.write_events(&events, Utc::now(), &[]).await })
+    };
+    // Commit only once the write is blocked on the other transaction's index entry.
+    let started = std::time::Instant::now();
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 10, "the write never waited");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    other.commit().await.unwrap();
+
+    let stored = write.await.unwrap().unwrap();
+    assert_eq!(stored, [false, true, true]);
+    assert_eq!(storage.count_events("acme").await.unwrap(), (3, 3));
+    let (queued,): (i64,) = sqlx::query_as("SELECT count(*) FROM rollup_queue")
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 3, "each event queued for the rollups once");
+}
+
 backend_tests!(
     rollups_match_raw_events,
     rollups_split_by_rule,

@@ -72,7 +72,7 @@ use uuid::Uuid;
 use crate::auth::KeyRecord;
 use crate::rollup::Granularity;
 
-pub use postgres::{copy_text, PgStore};
+pub use postgres::{copy_text, PgStore, EVENT_COLUMNS};
 
 /// What storage can fail with.
 #[derive(Debug, thiserror::Error)]

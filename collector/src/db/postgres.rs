@@ -16,9 +16,12 @@ use uuid::Uuid;
 use super::{edge_name, json_or_null, DbError};
 use crate::rollup::{self, Sample};
 
-const EVENT_COLUMNS: &str = "id, ts, org, user_id, plan, method, route, status, latency_us, \
+/// The columns of `events` the write path fills, in COPY order (`copy_text` writes them).
+pub const EVENT_COLUMNS: &str = "id, ts, org, user_id, plan, method, route, status, latency_us, \
     request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, metrics, \
     fingerprint, received_at";
+const QUEUE_COLUMNS: &str = "ts, org, user_id, route, method, status, decision, rule, \
+    latency_us, request_bytes, response_bytes, cost, dimensions";
 
 /// A PostgreSQL pool and the day partitions this process knows exist.
 #[derive(Clone, Debug)]
@@ -58,12 +61,95 @@ fn field(out: &mut String, value: Option<&str>) {
     }
 }
 
-fn copy_rows(events: &[UsageEvent], received_at: DateTime<Utc>) -> String {
+/// Whether `e` is PostgreSQL's unique violation (SQLSTATE 23505).
+fn is_unique_violation(e: &DbError) -> bool {
+    matches!(e, DbError::Sqlx(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505"))
+}
+
+/// COPYs `text` (COPY text format) into `table (columns)`.
+async fn copy_in(
+    conn: &mut sqlx::PgConnection,
+    table: &str,
+    columns: &str,
+    text: &str,
+) -> Result<(), DbError> {
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
+        .await?;
+    for chunk in text.as_bytes().chunks(1 << 20) {
+        copy.send(chunk).await?;
+    }
+    copy.finish().await?;
+    Ok(())
+}
+
+/// The fast path's writes: `fresh` into `events`, and into the rollup queue.
+async fn copy_fresh(
+    conn: &mut sqlx::PgConnection,
+    fresh: &[&UsageEvent],
+    received_at: DateTime<Utc>,
+    rolled: &[String],
+) -> Result<(), DbError> {
+    copy_in(
+        conn,
+        "events",
+        EVENT_COLUMNS,
+        &copy_rows(fresh, received_at),
+    )
+    .await?;
+    copy_in(
+        conn,
+        "rollup_queue",
+        QUEUE_COLUMNS,
+        &queue_rows(fresh, rolled),
+    )
+    .await
+}
+
+/// The rollup queue's COPY text for `events` (the columns of `QUEUE_COLUMNS`).
+fn queue_rows(events: &[&UsageEvent], rolled: &[String]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(events.len() * 128);
+    for e in events {
+        let _ = write!(out, "{}\t", e.timestamp.timestamp());
+        field(&mut out, Some(&e.org));
+        out.push('\t');
+        field(&mut out, Some(e.user.as_deref().unwrap_or("")));
+        out.push('\t');
+        field(&mut out, Some(&e.route));
+        out.push('\t');
+        field(&mut out, Some(&e.method));
+        let _ = write!(
+            out,
+            "\t{}\t{}\t",
+            e.status,
+            rollup::decision_name(e.decision)
+        );
+        field(&mut out, Some(e.rule.as_deref().unwrap_or("")));
+        let _ = write!(
+            out,
+            "\t{}\t{}\t{}\t{}\t",
+            e.latency_us, e.request_bytes, e.response_bytes, e.cost
+        );
+        field(&mut out, rollup::rolled_dimensions(e, rolled).as_deref());
+        out.push('\n');
+    }
+    out
+}
+
+fn copy_rows(events: &[&UsageEvent], received_at: DateTime<Utc>) -> String {
     use std::fmt::Write;
     let received = received_at.to_rfc3339();
     let mut out = String::with_capacity(events.len() * 320);
     for e in events {
-        let _ = write!(out, "{}\t{}\t", e.id, e.timestamp.to_rfc3339());
+        // Whole microseconds, cut as sqlx cuts a bound timestamp (PostgreSQL would round the
+        // text's nanoseconds): the known-ids lookup binds the same instants and must find them.
+        let _ = write!(
+            out,
+            "{}\t{}\t",
+            e.id,
+            e.timestamp.format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        );
         field(&mut out, Some(&e.org));
         out.push('\t');
         field(&mut out, e.user.as_deref());
@@ -193,6 +279,54 @@ impl PgStore {
         self.ensure_partitions(events.iter().map(|e| day_of(e.timestamp)))
             .await?;
         let mut tx = self.pool.begin().await?;
+        // Known (ts, id) first: a resent batch then skips COPY and the insert entirely.
+        // One primary-key probe per id, whatever the planner thinks of the array: the LIMIT
+        // keeps the lateral subquery from being flattened into a join, which with a bound array
+        // of thousands of ids chose a sequential scan (or a sort) of the whole day's partition.
+        let known: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT t.id FROM UNNEST($1::timestamptz[], $2::uuid[]) AS t(ts, id) \
+             CROSS JOIN LATERAL (SELECT 1 FROM events e WHERE e.ts = t.ts AND e.id = t.id \
+             LIMIT 1) AS stored",
+        )
+        .bind(events.iter().map(|e| e.timestamp).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        let known: HashSet<Uuid> = known.into_iter().map(|(id,)| id).collect();
+        let fresh: Vec<&UsageEvent> = events.iter().filter(|e| !known.contains(&e.id)).collect();
+        if fresh.is_empty() {
+            tx.commit().await?;
+            return Ok(vec![false; events.len()]);
+        }
+        // Fast path: the events not stored a moment ago are COPYed straight into `events` and
+        // the rollup queue. COPY has no ON CONFLICT, so an id stored in between (the same event
+        // in another replica's or committer's transaction) aborts it with a unique violation:
+        // then the whole group goes again through the staging table, whose insert skips what is
+        // already there. Either way the dedup check and the write share one transaction.
+        match copy_fresh(&mut tx, &fresh, received_at, rolled).await {
+            Ok(()) => {
+                tx.commit().await?;
+                let inserted: HashSet<Uuid> = fresh.iter().map(|e| e.id).collect();
+                Ok(events.iter().map(|e| inserted.contains(&e.id)).collect())
+            }
+            Err(e) if is_unique_violation(&e) => {
+                tx.rollback().await?;
+                self.write_via_staging(events, received_at, rolled).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The path that tolerates ids stored concurrently: COPY into a per-connection staging
+    /// table, then one statement inserting into `events` with `ON CONFLICT DO NOTHING` and
+    /// queueing exactly the rows it inserted.
+    async fn write_via_staging(
+        &self,
+        events: &[UsageEvent],
+        received_at: DateTime<Utc>,
+        rolled: &[String],
+    ) -> Result<Vec<bool>, DbError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(&format!(
             "CREATE TEMP TABLE IF NOT EXISTS staging_events AS \
              SELECT {EVENT_COLUMNS} FROM events WITH NO DATA"
@@ -203,42 +337,21 @@ impl PgStore {
         sqlx::query("TRUNCATE staging_events")
             .execute(&mut *tx)
             .await?;
-        // Known (ts, id) first: a resent batch then skips COPY and the insert entirely. The
-        // insert keeps ON CONFLICT, so this is only a shortcut, never what decides.
-        let known: Vec<(Uuid,)> = sqlx::query_as(
-            "SELECT e.id FROM events e JOIN UNNEST($1::timestamptz[], $2::uuid[]) AS t(ts, id) \
-             ON e.ts = t.ts AND e.id = t.id",
+        let all: Vec<&UsageEvent> = events.iter().collect();
+        copy_in(
+            &mut tx,
+            "staging_events",
+            EVENT_COLUMNS,
+            &copy_rows(&all, received_at),
         )
-        .bind(events.iter().map(|e| e.timestamp).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
         .await?;
-        let known: HashSet<Uuid> = known.into_iter().map(|(id,)| id).collect();
-        let fresh: Vec<UsageEvent> = events
-            .iter()
-            .filter(|e| !known.contains(&e.id))
-            .cloned()
-            .collect();
-        if fresh.is_empty() {
-            tx.commit().await?;
-            return Ok(vec![false; events.len()]);
-        }
-        let data = copy_rows(&fresh, received_at);
-        let mut copy = tx
-            .copy_in_raw(&format!("COPY staging_events ({EVENT_COLUMNS}) FROM STDIN"))
-            .await?;
-        for chunk in data.as_bytes().chunks(1 << 20) {
-            copy.send(chunk).await?;
-        }
-        copy.finish().await?;
         // New events go to `events` and, in the same statement, to the rollup queue.
         let ids: Vec<(Uuid,)> = sqlx::query_as(&format!(
             "WITH ins AS (INSERT INTO events ({EVENT_COLUMNS}) \
              SELECT {EVENT_COLUMNS} FROM staging_events ON CONFLICT DO NOTHING \
              RETURNING id, ts, org, user_id, route, method, status, decision, rule, latency_us, \
              request_bytes, response_bytes, cost, dimensions), \
-             q AS (INSERT INTO rollup_queue (ts, org, user_id, route, method, status, decision, \
-             rule, latency_us, request_bytes, response_bytes, cost, dimensions) \
+             q AS (INSERT INTO rollup_queue ({QUEUE_COLUMNS}) \
              SELECT floor(extract(epoch FROM ts))::bigint, org, coalesce(user_id, ''), route, \
              method, status, decision, coalesce(rule, ''), latency_us, request_bytes, \
              response_bytes, cost, \
@@ -442,5 +555,24 @@ async fn upsert_deltas(
 /// For tests of the raw COPY rate: the COPY text of `events`.
 #[doc(hidden)]
 pub fn copy_text(events: &[UsageEvent]) -> String {
-    copy_rows(events, Utc::now())
+    copy_rows(&events.iter().collect::<Vec<_>>(), Utc::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copied_timestamps_are_cut_to_the_microsecond_as_bound_ones_are() {
+        let event: UsageEvent = serde_json::from_value(serde_json::json!({
+            "id": "0190f6f0-0000-7000-8000-000000000001",
+            "timestamp": "2026-11-24T06:00:00.123456789Z",
+            "org": "acme", "plan": "pro", "method": "GET", "route": "/", "status": 200,
+            "latency_us": 1, "request_bytes": 0, "response_bytes": 0, "cost": 1,
+            "decision": "allowed", "edge": "envoy", "node": "n"
+        }))
+        .unwrap();
+        let row = copy_rows(&[&event], Utc::now());
+        assert!(row.contains("\t2026-11-24T06:00:00.123456Z\t"), "{row}");
+    }
 }
