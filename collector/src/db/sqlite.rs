@@ -1,7 +1,7 @@
-//! SQLite's write path: prepared multi-row `INSERT … ON CONFLICT DO NOTHING RETURNING id` in
-//! one transaction, the new events queued for the rollups in the same transaction; and the fold
-//! that moves queued events into the rollup rows (read, merge, write) and deletes them from the
-//! queue, again in one transaction.
+//! SQLite's write path: the known ids looked up, then prepared multi-row `INSERT`s of the rest
+//! in one transaction under the write lock, the new events queued for the rollups in the same
+//! transaction; and the fold that moves queued events into the rollup rows (read, merge, write)
+//! and deletes them from the queue, again in one transaction.
 
 use std::collections::{HashMap, HashSet};
 
@@ -35,11 +35,11 @@ pub(super) async fn write_events(
     rolled: &[String],
 ) -> Result<Vec<bool>, DbError> {
     let received = received_at.timestamp();
+    // `BEGIN IMMEDIATE` takes the database's write lock before the first read, so no other
+    // writer can store an id between the known-ids check below and the insert: the check
+    // decides alone, and the insert needs neither `ON CONFLICT` nor `RETURNING` (which sent
+    // every inserted id back through sqlx's worker channel).
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let mut inserted: HashSet<Uuid> = HashSet::with_capacity(events.len());
-    // Known ids first, by the primary key alone: a resent batch then costs one index probe per
-    // event instead of a 20-column insert attempt. The insert below keeps ON CONFLICT, so this
-    // is only a shortcut, never what decides.
     let mut known: HashSet<Uuid> = HashSet::new();
     for chunk in events.chunks(ROWS_PER_STATEMENT) {
         let mut qb: QueryBuilder<'_, Sqlite> =
@@ -52,7 +52,12 @@ pub(super) async fn write_events(
         let rows: Vec<(Vec<u8>,)> = qb.build_query_as().fetch_all(&mut *tx).await?;
         known.extend(rows.iter().filter_map(|(b,)| Uuid::from_slice(b).ok()));
     }
-    let fresh: Vec<&UsageEvent> = events.iter().filter(|e| !known.contains(&e.id)).collect();
+    // The first occurrence of an id is the one stored; a repeat in the same batch is a duplicate.
+    let mut inserted: HashSet<Uuid> = HashSet::with_capacity(events.len());
+    let fresh: Vec<&UsageEvent> = events
+        .iter()
+        .filter(|e| !known.contains(&e.id) && inserted.insert(e.id))
+        .collect();
     for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
         let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(COLUMNS);
         qb.push_values(chunk, |mut b, e| {
@@ -77,14 +82,13 @@ pub(super) async fn write_events(
                 .push_bind(e.fingerprint.as_deref())
                 .push_bind(received);
         });
-        qb.push(" ON CONFLICT DO NOTHING RETURNING id");
-        let ids: Vec<(Vec<u8>,)> = qb.build_query_as().fetch_all(&mut *tx).await?;
-        inserted.extend(ids.iter().filter_map(|(b,)| Uuid::from_slice(b).ok()));
+        // No ON CONFLICT: a conflict here would mean the lock above did not hold, and then
+        // failing the batch (the client retries) is right where skipping would miscount.
+        qb.build().execute(&mut *tx).await?;
     }
 
     // Queue the new events for the rollups, in this same transaction.
-    let new: Vec<&UsageEvent> = events.iter().filter(|e| inserted.contains(&e.id)).collect();
-    for chunk in new.chunks(QUEUE_ROWS_PER_STATEMENT) {
+    for chunk in fresh.chunks(QUEUE_ROWS_PER_STATEMENT) {
         let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(QUEUE_COLUMNS);
         qb.push_values(chunk, |mut b, e| {
             b.push_bind(e.timestamp.timestamp())
@@ -104,7 +108,8 @@ pub(super) async fn write_events(
         qb.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(events.iter().map(|e| inserted.contains(&e.id)).collect())
+    // Each stored id once: for its first occurrence in `events`.
+    Ok(events.iter().map(|e| inserted.remove(&e.id)).collect())
 }
 
 /// A queued sample and its place in the queue.
