@@ -121,6 +121,27 @@ struct Server {
     ingest_key: String,
     admin_key: String,
     task: tokio::task::JoinHandle<()>,
+    /// The server's storage, to watch the rollup queue.
+    storage: Storage,
+}
+
+/// Longest wait for the folder to empty the rollup queue between phases.
+const DRAIN_LIMIT: Duration = Duration::from_secs(240);
+
+/// Waits (bounded) until every queued event is folded into the rollups; returns how many were
+/// queued at the start and how long folding them took. Between phases, so a phase never runs
+/// beside the folder still working through an earlier phase's backlog — and so the next engine
+/// never runs beside this one's.
+async fn drain_rollups(server: &Server) -> (i64, Duration) {
+    let started = Instant::now();
+    let queued = server.storage.queued_for_rollup().await.unwrap_or(0);
+    while started.elapsed() < DRAIN_LIMIT {
+        match server.storage.queued_for_rollup().await {
+            Ok(0) => break,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    (queued, started.elapsed())
 }
 
 async fn start_server(url: &str) -> Server {
@@ -155,6 +176,7 @@ async fn start_server(url: &str) -> Server {
         ingest_key,
         admin_key,
         task,
+        storage,
     }
 }
 
@@ -366,6 +388,13 @@ async fn run_engine(name: &str, url: &str) -> EngineResult {
     let (duplicate, _) = closed_loop(&server, &fresh_bodies[..batches], CLOSED_SECS).await;
     eprintln!("[{name}] all-duplicate: {duplicate:.0} events/s");
     drop(fresh_bodies);
+    let (queued, took) = drain_rollups(&server).await;
+    eprintln!(
+        "[{name}] folds caught up: {queued} events queued after the closed loops, folded in {} \
+         ({:.0} events/s)",
+        ms(took),
+        queued as f64 / took.as_secs_f64()
+    );
     let open_bodies = bodies(2, (OFFERED_EPS * OPEN_SECS) as usize / BATCH);
     let open = open_loop(&server, open_bodies).await;
     eprintln!(
@@ -375,6 +404,11 @@ async fn run_engine(name: &str, url: &str) -> EngineResult {
         ms(open.p99),
         open.shed,
         open.unavailable
+    );
+    let (queued, took) = drain_rollups(&server).await;
+    eprintln!(
+        "[{name}] folds caught up: {queued} events queued after the open loop, folded in {}",
+        ms(took)
     );
     server.task.abort();
     EngineResult {
@@ -440,9 +474,7 @@ async fn raw_copy_rate(url: &str) -> f64 {
     let texts: Vec<String> = (0..COPY_ROWS / 10_000)
         .map(|_| tollgate_collector::db::copy_text(&events(&mut ids, &mut rng, 10_000)))
         .collect();
-    let columns = "id, ts, org, user_id, plan, method, route, status, latency_us, \
-        request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, metrics, \
-        fingerprint, received_at";
+    let columns = tollgate_collector::db::EVENT_COLUMNS;
     let started = Instant::now();
     for text in &texts {
         let mut tx = pg.pool.begin().await.expect("begin");
