@@ -415,7 +415,7 @@ pub fn percentile(h: &Histogram<u64>, q: f64) -> u64 {
 
 /// What a rollup needs of one event (a row of the rollup queue).
 // Decoded by name from the queue on both engines (`user_id`; integers are stored as BIGINT).
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
 pub struct Sample {
     /// Event time, seconds since the epoch.
     pub ts: i64,
@@ -449,6 +449,16 @@ pub struct Sample {
     pub cost: u64,
     /// The declared custom dimensions the event carries, as a JSON object (none: `None`).
     pub dimensions: Option<String>,
+}
+
+/// The stored form of one ingest transaction's samples (a `rollup_batches` row): postcard.
+pub fn encode_samples(samples: &[Sample]) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_allocvec(samples)
+}
+
+/// Samples stored by [`encode_samples`].
+pub fn decode_samples(bytes: &[u8]) -> Result<Vec<Sample>, postcard::Error> {
+    postcard::from_bytes(bytes)
 }
 
 /// The declared custom dimensions of an event as the rollup queue stores them: a JSON object of

@@ -583,14 +583,50 @@ async fn postgres_an_event_stored_meanwhile_by_another_transaction_is_a_duplicat
     let stored = write.await.unwrap().unwrap();
     assert_eq!(stored, [false, true, true]);
     assert_eq!(storage.count_events("acme").await.unwrap(), (3, 3));
-    let (queued,): (i64,) = sqlx::query_as("SELECT count(*) FROM rollup_queue")
-        .fetch_one(&pg.pool)
+    // The other transaction's one row in the per-event queue, the write's two in its batch.
+    assert_eq!(
+        storage.queued_for_rollup().await.unwrap(),
+        3,
+        "each event queued for the rollups once"
+    );
+}
+
+/// Events an older collector queued one row each (`rollup_queue`, before migration 0007) are
+/// folded with the newer batches, each once.
+async fn events_queued_by_an_older_collector_are_folded(backend: Backend) {
+    let db = common::TestDb::new(backend).await;
+    let storage = db.storage().await;
+    let mut fx = Fixture::new(9);
+    let at = Utc::now() - Duration::minutes(5);
+    let events = vec![fx.event("acme", at), fx.event("acme", at)];
+    storage
+        .write_events(&events, Utc::now(), &[])
         .await
         .unwrap();
-    assert_eq!(queued, 3, "each event queued for the rollups once");
+    execute(
+        &storage,
+        &format!(
+            "INSERT INTO rollup_queue (ts, org, user_id, route, method, status, decision, \
+             latency_us, request_bytes, response_bytes, cost) \
+             VALUES ({}, 'acme', '', '/old', 'GET', 200, 'allowed', 1, 0, 0, 1)",
+            at.timestamp()
+        ),
+    )
+    .await;
+    assert_eq!(storage.queued_for_rollup().await.unwrap(), 3);
+    storage.fold_all().await.unwrap();
+    assert_eq!(storage.queued_for_rollup().await.unwrap(), 0);
+    let day = at.timestamp() - at.timestamp().rem_euclid(86_400);
+    let rows = storage
+        .rollup_rows("acme", Granularity::Day, day, day + 86_400)
+        .await
+        .unwrap();
+    let calls: i64 = rows.iter().map(|r| r.values.calls).sum();
+    assert_eq!(calls, 3, "{rows:?}");
 }
 
 backend_tests!(
+    events_queued_by_an_older_collector_are_folded,
     rollups_match_raw_events,
     rollups_split_by_rule,
     callers_are_backfilled_for_rows_folded_before_them

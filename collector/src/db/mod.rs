@@ -86,6 +86,10 @@ pub enum DbError {
     /// The database URL is not one we can use.
     #[error("database URL: {0}")]
     Url(String),
+    /// Rollup samples that cannot be encoded or read back (`rollup_batches`); the batch stays
+    /// queued, so a fixed collector folds it later.
+    #[error("rollup samples: {0}")]
+    Samples(#[from] postcard::Error),
 }
 
 impl DbError {
@@ -392,7 +396,10 @@ impl Storage {
 
     /// Events stored but not yet folded into the rollups (committed state).
     pub async fn queued_for_rollup(&self) -> Result<i64, DbError> {
-        let n: (i64,) = both!(self, pool => sqlx::query_as("SELECT COUNT(*) FROM rollup_queue")
+        let n: (i64,) = both!(self, pool => sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM rollup_queue) \
+             + (SELECT CAST(COALESCE(SUM(events), 0) AS BIGINT) FROM rollup_batches)",
+        )
             .fetch_one(pool)
             .await)?;
         Ok(n.0)

@@ -20,8 +20,6 @@ use crate::rollup::{self, Sample};
 pub const EVENT_COLUMNS: &str = "id, ts, org, user_id, plan, method, route, status, latency_us, \
     request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, metrics, \
     fingerprint, received_at";
-const QUEUE_COLUMNS: &str = "ts, org, user_id, route, method, status, decision, rule, \
-    latency_us, request_bytes, response_bytes, cost, dimensions";
 
 /// A PostgreSQL pool and the day partitions this process knows exist.
 #[derive(Clone, Debug)]
@@ -61,11 +59,6 @@ fn field(out: &mut String, value: Option<&str>) {
     }
 }
 
-/// Whether `e` is PostgreSQL's unique violation (SQLSTATE 23505).
-fn is_unique_violation(e: &DbError) -> bool {
-    matches!(e, DbError::Sqlx(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505"))
-}
-
 /// COPYs `text` (COPY text format) into `table (columns)`.
 async fn copy_in(
     conn: &mut sqlx::PgConnection,
@@ -97,44 +90,25 @@ async fn copy_fresh(
         &copy_rows(fresh, received_at),
     )
     .await?;
-    copy_in(
-        conn,
-        "rollup_queue",
-        QUEUE_COLUMNS,
-        &queue_rows(fresh, rolled),
-    )
-    .await
+    queue_batch(conn, fresh, rolled).await
 }
 
-/// The rollup queue's COPY text for `events` (the columns of `QUEUE_COLUMNS`).
-fn queue_rows(events: &[&UsageEvent], rolled: &[String]) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(events.len() * 128);
-    for e in events {
-        let _ = write!(out, "{}\t", e.timestamp.timestamp());
-        field(&mut out, Some(&e.org));
-        out.push('\t');
-        field(&mut out, Some(e.user.as_deref().unwrap_or("")));
-        out.push('\t');
-        field(&mut out, Some(&e.route));
-        out.push('\t');
-        field(&mut out, Some(&e.method));
-        let _ = write!(
-            out,
-            "\t{}\t{}\t",
-            e.status,
-            rollup::decision_name(e.decision)
-        );
-        field(&mut out, Some(e.rule.as_deref().unwrap_or("")));
-        let _ = write!(
-            out,
-            "\t{}\t{}\t{}\t{}\t",
-            e.latency_us, e.request_bytes, e.response_bytes, e.cost
-        );
-        field(&mut out, rollup::rolled_dimensions(e, rolled).as_deref());
-        out.push('\n');
+/// Queues `new` events for the rollups: one `rollup_batches` row for them all.
+async fn queue_batch(
+    conn: &mut sqlx::PgConnection,
+    new: &[&UsageEvent],
+    rolled: &[String],
+) -> Result<(), DbError> {
+    if new.is_empty() {
+        return Ok(());
     }
-    out
+    let samples: Vec<Sample> = new.iter().map(|e| Sample::of(e, rolled)).collect();
+    sqlx::query("INSERT INTO rollup_batches (events, samples) VALUES ($1, $2)")
+        .bind(i32::try_from(samples.len()).unwrap_or(i32::MAX))
+        .bind(rollup::encode_samples(&samples)?)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 fn copy_rows(events: &[&UsageEvent], received_at: DateTime<Utc>) -> String {
@@ -309,7 +283,7 @@ impl PgStore {
                 let inserted: HashSet<Uuid> = fresh.iter().map(|e| e.id).collect();
                 Ok(events.iter().map(|e| inserted.contains(&e.id)).collect())
             }
-            Err(e) if is_unique_violation(&e) => {
+            Err(e) if e.is_unique_violation() => {
                 tx.rollback().await?;
                 self.write_via_staging(events, received_at, rolled).await
             }
@@ -345,25 +319,17 @@ impl PgStore {
             &copy_rows(&all, received_at),
         )
         .await?;
-        // New events go to `events` and, in the same statement, to the rollup queue.
         let ids: Vec<(Uuid,)> = sqlx::query_as(&format!(
-            "WITH ins AS (INSERT INTO events ({EVENT_COLUMNS}) \
-             SELECT {EVENT_COLUMNS} FROM staging_events ON CONFLICT DO NOTHING \
-             RETURNING id, ts, org, user_id, route, method, status, decision, rule, latency_us, \
-             request_bytes, response_bytes, cost, dimensions), \
-             q AS (INSERT INTO rollup_queue ({QUEUE_COLUMNS}) \
-             SELECT floor(extract(epoch FROM ts))::bigint, org, coalesce(user_id, ''), route, \
-             method, status, decision, coalesce(rule, ''), latency_us, request_bytes, \
-             response_bytes, cost, \
-             (SELECT CAST(jsonb_object_agg(d.key, d.value) AS TEXT) \
-              FROM jsonb_each_text(ins.dimensions) AS d WHERE d.key = ANY($1::text[])) \
-             FROM ins) \
-             SELECT id FROM ins"
+            "INSERT INTO events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM staging_events \
+             ON CONFLICT DO NOTHING RETURNING id"
         ))
-        .bind(rolled)
         .fetch_all(&mut *tx)
         .await?;
         let inserted: HashSet<Uuid> = ids.into_iter().map(|(id,)| id).collect();
+        // The inserted events, each once, in batch order, go to the rollup queue.
+        let mut unqueued = inserted.clone();
+        let new: Vec<&UsageEvent> = events.iter().filter(|e| unqueued.remove(&e.id)).collect();
+        queue_batch(&mut tx, &new, rolled).await?;
         tx.commit().await?;
         Ok(events.iter().map(|e| inserted.contains(&e.id)).collect())
     }
@@ -397,7 +363,8 @@ impl PgStore {
     /// with `FOR UPDATE SKIP LOCKED`, so folders on several replicas never take the same ones.
     pub(super) async fn fold(&self, max: usize) -> Result<usize, DbError> {
         let mut tx = self.pool.begin().await?;
-        let samples: Vec<Sample> = sqlx::query_as(
+        // What an older collector queued one row per event goes first.
+        let mut samples: Vec<Sample> = sqlx::query_as(
             "DELETE FROM rollup_queue WHERE seq IN (SELECT seq FROM rollup_queue ORDER BY seq \
              LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING ts, org, user_id, route, method, \
              CAST(status AS BIGINT) AS status, decision, rule, latency_us, request_bytes, \
@@ -406,6 +373,37 @@ impl PgStore {
         .bind(max.min(i64::MAX as usize) as i64)
         .fetch_all(&mut *tx)
         .await?;
+        // Then whole batches, oldest first, while they fit in `max` (at least one). Rows locked
+        // here and not taken stay locked until COMMIT: other replicas skip them meanwhile.
+        if samples.len() < max {
+            let heads: Vec<(i64, i32)> = sqlx::query_as(
+                "SELECT seq, events FROM rollup_batches ORDER BY seq LIMIT 1024 \
+                 FOR UPDATE SKIP LOCKED",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut taking = samples.len();
+            let mut claimed = Vec::new();
+            for (seq, events) in heads {
+                let events = usize::try_from(events).unwrap_or(0);
+                if !claimed.is_empty() && taking + events > max {
+                    break;
+                }
+                taking += events;
+                claimed.push(seq);
+            }
+            if !claimed.is_empty() {
+                let blobs: Vec<(Vec<u8>,)> = sqlx::query_as(
+                    "DELETE FROM rollup_batches WHERE seq = ANY($1) RETURNING samples",
+                )
+                .bind(&claimed)
+                .fetch_all(&mut *tx)
+                .await?;
+                for (blob,) in blobs {
+                    samples.extend(rollup::decode_samples(&blob)?);
+                }
+            }
+        }
         if samples.is_empty() {
             return Ok(0);
         }

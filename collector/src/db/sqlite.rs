@@ -19,10 +19,6 @@ type Sketch = Option<Vec<u8>>;
 const COLUMNS: &str = "INSERT INTO events (id, ts, org, user_id, plan, method, route, status, \
     latency_us, request_bytes, response_bytes, cost, decision, rule, edge, node, dimensions, \
     metrics, fingerprint, received_at) ";
-const QUEUE_COLUMNS: &str = "INSERT INTO rollup_queue (ts, org, user_id, route, method, \
-    status, decision, rule, latency_us, request_bytes, response_bytes, cost, dimensions) ";
-/// 13 columns × 2,000 rows stays under SQLite's 32,766 bound parameters.
-const QUEUE_ROWS_PER_STATEMENT: usize = 2_000;
 
 /// Rows per statement: 20 columns × 1,000 rows stays under SQLite's 32,766 bound parameters,
 /// and every full chunk reuses one prepared statement.
@@ -87,25 +83,14 @@ pub(super) async fn write_events(
         qb.build().execute(&mut *tx).await?;
     }
 
-    // Queue the new events for the rollups, in this same transaction.
-    for chunk in fresh.chunks(QUEUE_ROWS_PER_STATEMENT) {
-        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(QUEUE_COLUMNS);
-        qb.push_values(chunk, |mut b, e| {
-            b.push_bind(e.timestamp.timestamp())
-                .push_bind(e.org.as_str())
-                .push_bind(e.user.as_deref().unwrap_or(""))
-                .push_bind(e.route.as_str())
-                .push_bind(e.method.as_str())
-                .push_bind(i64::from(e.status))
-                .push_bind(rollup::decision_name(e.decision))
-                .push_bind(e.rule.as_deref().unwrap_or(""))
-                .push_bind(e.latency_us as i64)
-                .push_bind(e.request_bytes as i64)
-                .push_bind(e.response_bytes as i64)
-                .push_bind(e.cost as i64)
-                .push_bind(rollup::rolled_dimensions(e, rolled));
-        });
-        qb.build().execute(&mut *tx).await?;
+    // Queue the new events for the rollups, in this same transaction: one row for them all.
+    if !fresh.is_empty() {
+        let samples: Vec<Sample> = fresh.iter().map(|e| Sample::of(e, rolled)).collect();
+        sqlx::query("INSERT INTO rollup_batches (events, samples) VALUES ($1, $2)")
+            .bind(samples.len() as i64)
+            .bind(rollup::encode_samples(&samples)?)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     // Each stored id once: for its first occurrence in `events`.
@@ -129,7 +114,8 @@ static FOLD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// bound parameters (and 6 × 1,000 for the sketch reads).
 const FOLD_ROWS_PER_STATEMENT: usize = 1_000;
 
-/// Folds up to `max` queued events into the rollups; returns how many.
+/// Folds queued events into the rollups, up to `max` (or one batch, should it hold more);
+/// returns how many.
 ///
 /// Reading the queue and the stored sketches, aggregating and merging sketches all happen
 /// before the write transaction, so SQLite's single write lock — which the ingest commits wait
@@ -139,6 +125,7 @@ const FOLD_ROWS_PER_STATEMENT: usize = 1_000;
 pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError> {
     let _guard = FOLD_LOCK.lock().await;
     let mut conn = pool.acquire().await?;
+    // What an older collector queued one row per event goes first.
     let rows: Vec<Queued> = sqlx::query_as(
         "SELECT seq, ts, org, user_id, route, method, status, decision, rule, latency_us, \
          request_bytes, response_bytes, cost, dimensions FROM rollup_queue ORDER BY seq \
@@ -147,20 +134,57 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
     .bind(max.min(i64::MAX as usize) as i64)
     .fetch_all(&mut *conn)
     .await?;
-    let Some(last) = rows.last().map(|r| r.seq) else {
+    let queue_last = rows.last().map(|r| r.seq);
+    let mut samples: Vec<Sample> = rows.into_iter().map(|r| r.sample).collect();
+    // Then whole batches, oldest first, while they fit in `max` (at least one).
+    let mut batch_last = None;
+    if samples.len() < max {
+        let heads: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT seq, events FROM rollup_batches ORDER BY seq LIMIT 1024")
+                .fetch_all(&mut *conn)
+                .await?;
+        let mut taking = samples.len();
+        for (seq, events) in heads {
+            let events = usize::try_from(events).unwrap_or(0);
+            if batch_last.is_some() && taking + events > max {
+                break;
+            }
+            taking += events;
+            batch_last = Some(seq);
+        }
+        if let Some(last) = batch_last {
+            // Only this fold deletes from the queue's head (FOLD_LOCK), so the range is stable.
+            let blobs: Vec<(Vec<u8>,)> =
+                sqlx::query_as("SELECT samples FROM rollup_batches WHERE seq <= $1 ORDER BY seq")
+                    .bind(last)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            for (blob,) in blobs {
+                samples.extend(rollup::decode_samples(&blob)?);
+            }
+        }
+    }
+    if samples.is_empty() {
         return Ok(0);
-    };
-    let samples: Vec<Sample> = rows.into_iter().map(|r| r.sample).collect();
+    }
     let deltas = rollup::aggregate(&samples);
     let sketches = merged_sketches(&mut conn, &deltas).await?;
     drop(conn);
 
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     write_deltas(&mut tx, &deltas, &sketches).await?;
-    sqlx::query("DELETE FROM rollup_queue WHERE seq <= $1")
-        .bind(last)
-        .execute(&mut *tx)
-        .await?;
+    if let Some(last) = queue_last {
+        sqlx::query("DELETE FROM rollup_queue WHERE seq <= $1")
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if let Some(last) = batch_last {
+        sqlx::query("DELETE FROM rollup_batches WHERE seq <= $1")
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(samples.len())
 }
