@@ -53,15 +53,19 @@ impl Gcra {
     }
 
     /// The same meter on a `u64` TAT in whole nanoseconds, when that is exact: the emission
-    /// interval `period / rate` is a whole number of ns and `burst` intervals fit in a `u64`.
-    /// Its decisions and outcomes equal this form's (`GcraNanos` says how far).
+    /// interval `period / rate` is a whole number of ns and `burst` intervals span at most
+    /// [`MAX_NANOS_TOLERANCE`]. Its decisions and outcomes equal this form's (`GcraNanos` says
+    /// how far).
     pub fn in_nanos(&self) -> Option<GcraNanos> {
         let rate = self.scale.get();
         if self.period_nanos % rate != 0 {
             return None;
         }
         let interval = self.period_nanos / rate;
-        let tolerance = self.burst.checked_mul(interval)?;
+        let tolerance = self
+            .burst
+            .checked_mul(interval)
+            .filter(|t| *t <= MAX_NANOS_TOLERANCE)?;
         Some(GcraNanos {
             meter: Self {
                 scale: Divisor::new(1),
@@ -154,13 +158,21 @@ impl Algorithm for Gcra {
     }
 }
 
+/// The longest a nanosecond-form bucket may take to refill from empty (`burst × interval`):
+/// 2^62 ns, about 146 years. Beyond any real limit, and it keeps saturation safe: a TAT pushed
+/// past `u64::MAX` (a debt into the year 2554) stays there, and until the clock reads the year
+/// 2438 such a TAT is more than a full bucket ahead of now, so every request is denied — as
+/// the exact form, which never saturates, denies them.
+pub const MAX_NANOS_TOLERANCE: u64 = 1 << 62;
+
 /// GCRA on a `u64` TAT in nanoseconds: half the state of [`Gcra`], for rules whose emission
 /// interval is a whole number of nanoseconds (the policy compiler picks it when it applies).
 ///
 /// Every TAT the exact form ever holds for such a rule is a multiple of `rate` (it starts at 0
 /// and moves by `now × rate` and `cost × period`, both multiples), so dividing every quantity by
-/// `rate` loses nothing: decisions and outcomes are the exact form's, until the TAT passes
-/// `u64::MAX` ns (the year 2554), where it saturates.
+/// `rate` loses nothing: decisions and outcomes are the exact form's while the TAT stays below
+/// `u64::MAX` ns (the year 2554). A debt charged past that saturates there, and refunds do not
+/// shrink it (see [`MAX_NANOS_TOLERANCE`]): the exact form would carry it for centuries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GcraNanos {
     /// The meter with a scale of 1: its time unit is the nanosecond.
@@ -228,6 +240,11 @@ impl GcraNanos {
     }
 
     pub(crate) fn refund_tat(&self, tat: u64, cost: u64) -> u64 {
+        if tat == u64::MAX {
+            // A saturated debt has lost how far past u64::MAX it went: a refund must not
+            // bring it back within reach of now.
+            return tat;
+        }
         saturate_u64(self.meter.refund_units(u128::from(tat), cost))
     }
 
@@ -297,6 +314,25 @@ mod tests {
         let interval = (3600 * SEC).div_ceil(7);
         assert!(!g.acquire(&s, t0.plus_nanos(interval - 1), 1).0.allowed);
         assert!(g.acquire(&s, t0.plus_nanos(interval), 1).0.allowed);
+    }
+
+    #[test]
+    fn the_nanosecond_form_applies_only_up_to_its_tolerance() {
+        let longest = Gcra::new(1, SEC, 1 << 33).unwrap(); // 2^33 s: fits u64 ns, past 2^62
+        assert!(longest.in_nanos().is_none());
+        assert!(Gcra::new(1, 1 << 30, 1 << 32).unwrap().in_nanos().is_some()); // 2^62 ns
+    }
+
+    #[test]
+    fn a_saturated_debt_denies_and_refunds_do_not_shrink_it() {
+        let g = GcraNanos::new(1, 1, MAX_NANOS_TOLERANCE).unwrap().unwrap(); // 1 per ns
+        let t = Timestamp::from_secs(4_000_000_000); // the year 2096
+        let s = g.charge(&GcraNanosState::default(), t, u64::MAX);
+        assert_eq!(s.tat, u64::MAX, "saturated");
+        let s = (0..1000).fold(s, |s, _| g.refund(&s, t, MAX_NANOS_TOLERANCE));
+        assert_eq!(s.tat, u64::MAX);
+        assert!(!g.acquire(&s, t, 0).0.allowed);
+        assert!(!g.acquire(&s, t.plus_nanos(SEC * 86_400 * 365 * 100), 1).0.allowed);
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub use calendar_quota::{CalendarPeriod, CalendarQuota, CalendarQuotaState};
 pub use codec::StateError;
 pub use concurrency::{Concurrency, ConcurrencyState};
 pub use fixed_window::{FixedWindow, FixedWindowState};
-pub use gcra::{Gcra, GcraNanos, GcraNanosState, GcraState};
+pub use gcra::{Gcra, GcraNanos, GcraNanosState, GcraState, MAX_NANOS_TOLERANCE};
 pub use sliding_log::{SlidingLog, SlidingLogState};
 pub use sliding_window::{SlidingWindow, SlidingWindowState};
 pub use token_bucket::{TokenBucket, TokenBucketNanos, TokenBucketNanosState, TokenBucketState};

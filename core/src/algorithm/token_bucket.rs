@@ -51,8 +51,9 @@ impl TokenBucket {
     }
 
     /// The same bucket kept as the time it will be full again, in `u64` nanoseconds, when that
-    /// is exact: one token refills in a whole number of ns and a full bucket's refill time fits
-    /// in a `u64`. `TokenBucketNanos` says how its answers relate to this form's.
+    /// is exact: one token refills in a whole number of ns and a full bucket's refill time is at
+    /// most [`MAX_NANOS_TOLERANCE`](super::MAX_NANOS_TOLERANCE). `TokenBucketNanos` says how its
+    /// answers relate to this form's.
     pub fn in_nanos(&self) -> Option<TokenBucketNanos> {
         let meter = Gcra::new(self.rate.get(), self.period.get(), self.burst).ok()?;
         Some(TokenBucketNanos(meter.in_nanos()?))
