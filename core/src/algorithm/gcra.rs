@@ -332,7 +332,11 @@ mod tests {
         let s = (0..1000).fold(s, |s, _| g.refund(&s, t, MAX_NANOS_TOLERANCE));
         assert_eq!(s.tat, u64::MAX);
         assert!(!g.acquire(&s, t, 0).0.allowed);
-        assert!(!g.acquire(&s, t.plus_nanos(SEC * 86_400 * 365 * 100), 1).0.allowed);
+        assert!(
+            !g.acquire(&s, t.plus_nanos(SEC * 86_400 * 365 * 100), 1)
+                .0
+                .allowed
+        );
     }
 
     #[test]
