@@ -101,10 +101,7 @@ fn rolled_dimensions(value: serde_json::Value) -> Result<Vec<String>, PolicyFile
                 ),
             ));
         }
-        if crate::reports::RESERVED
-            .into_iter()
-            .any(|c| crate::reports::column_name(c) == name)
-        {
+        if crate::reports::is_reserved(name) {
             return Err(bad(field, format!("'{name}' is a built-in dimension")));
         }
         if names[..i].contains(name) {

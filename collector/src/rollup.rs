@@ -456,6 +456,22 @@ pub fn encode_samples(samples: &[Sample]) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_allocvec(samples)
 }
 
+/// How many of the queued batches `heads` (oldest first: `(seq, events)`) a fold that already
+/// holds `taken` events takes: whole batches while they fit in `max`, and at least one.
+pub fn batches_that_fit(heads: &[(i64, i64)], taken: usize, max: usize) -> usize {
+    let mut taking = taken;
+    let mut count = 0;
+    for &(_, events) in heads {
+        let events = usize::try_from(events).unwrap_or(0);
+        if count > 0 && taking + events > max {
+            break;
+        }
+        taking += events;
+        count += 1;
+    }
+    count
+}
+
 /// Samples stored by [`encode_samples`].
 pub fn decode_samples(bytes: &[u8]) -> Result<Vec<Sample>, postcard::Error> {
     postcard::from_bytes(bytes)
@@ -764,6 +780,24 @@ pub fn backfill_deltas(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folds_take_whole_batches_while_they_fit_and_at_least_one() {
+        let heads = [(1, 400), (2, 500), (3, 300)];
+        assert_eq!(batches_that_fit(&heads, 0, 1_000), 2);
+        assert_eq!(batches_that_fit(&heads, 0, 1_200), 3);
+        assert_eq!(
+            batches_that_fit(&heads, 0, 100),
+            1,
+            "one batch even when it is bigger"
+        );
+        assert_eq!(
+            batches_that_fit(&heads, 700, 1_000),
+            1,
+            "after the older per-event rows"
+        );
+        assert_eq!(batches_that_fit(&[], 0, 1_000), 0);
+    }
 
     #[test]
     fn sketch_round_trips_and_merges_exactly() {

@@ -376,22 +376,14 @@ impl PgStore {
         // Then whole batches, oldest first, while they fit in `max` (at least one). Rows locked
         // here and not taken stay locked until COMMIT: other replicas skip them meanwhile.
         if samples.len() < max {
-            let heads: Vec<(i64, i32)> = sqlx::query_as(
-                "SELECT seq, events FROM rollup_batches ORDER BY seq LIMIT 1024 \
-                 FOR UPDATE SKIP LOCKED",
+            let heads: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT seq, CAST(events AS BIGINT) FROM rollup_batches ORDER BY seq \
+                 LIMIT 1024 FOR UPDATE SKIP LOCKED",
             )
             .fetch_all(&mut *tx)
             .await?;
-            let mut taking = samples.len();
-            let mut claimed = Vec::new();
-            for (seq, events) in heads {
-                let events = usize::try_from(events).unwrap_or(0);
-                if !claimed.is_empty() && taking + events > max {
-                    break;
-                }
-                taking += events;
-                claimed.push(seq);
-            }
+            let take = rollup::batches_that_fit(&heads, samples.len(), max);
+            let claimed: Vec<i64> = heads[..take].iter().map(|(seq, _)| *seq).collect();
             if !claimed.is_empty() {
                 let blobs: Vec<(Vec<u8>,)> = sqlx::query_as(
                     "DELETE FROM rollup_batches WHERE seq = ANY($1) RETURNING samples",

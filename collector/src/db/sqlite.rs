@@ -143,15 +143,8 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
             sqlx::query_as("SELECT seq, events FROM rollup_batches ORDER BY seq LIMIT 1024")
                 .fetch_all(&mut *conn)
                 .await?;
-        let mut taking = samples.len();
-        for (seq, events) in heads {
-            let events = usize::try_from(events).unwrap_or(0);
-            if batch_last.is_some() && taking + events > max {
-                break;
-            }
-            taking += events;
-            batch_last = Some(seq);
-        }
+        let take = rollup::batches_that_fit(&heads, samples.len(), max);
+        batch_last = take.checked_sub(1).map(|i| heads[i].0);
         if let Some(last) = batch_last {
             // Only this fold deletes from the queue's head (FOLD_LOCK), so the range is stable.
             let blobs: Vec<(Vec<u8>,)> =

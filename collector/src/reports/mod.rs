@@ -162,18 +162,14 @@ pub const GROUP_BY: [Column; 6] = [
     Column::Decision,
 ];
 
-/// The names a policy's custom dimension may not take: what `group_by` accepts and what reports
-/// already label their columns with.
-pub const RESERVED: [Column; 8] = [
-    Column::Org,
-    Column::User,
-    Column::Route,
-    Column::Method,
-    Column::StatusClass,
-    Column::Decision,
-    Column::Rule,
-    Column::Bucket,
-];
+/// Whether a policy's custom dimension may not take `name`: what `group_by` accepts, and the
+/// other names reports label their columns with.
+pub fn is_reserved(name: &str) -> bool {
+    GROUP_BY
+        .iter()
+        .chain(&[Column::Rule, Column::Bucket])
+        .any(|c| column_name(*c) == name)
+}
 
 /// The name a group column has in reports (and in `group_by`).
 pub fn column_name(c: Column) -> &'static str {
