@@ -719,6 +719,30 @@ async fn realtime_sees_the_last_minutes(backend: Backend) {
     assert!((windows[2]["mean_latency_us"].as_f64().unwrap() - 1_000.0).abs() <= 10.0);
 }
 
+/// The bound: `realtime` reflects an event within 5 s of its ingest, with no fold
+/// forced by the test — the collector's own folder has to get it there.
+async fn realtime_reflects_ingest_within_five_seconds(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut fx = Fixture::new(6);
+    let events: Vec<UsageEvent> = (0..4).map(|_| fx.event("acme", Utc::now())).collect();
+    let acked = std::time::Instant::now();
+    assert_eq!(app.ingest(&app.admin, &events).await.json()["accepted"], 4);
+    // Polled, not slept: the assertion is the deadline, and the loop ends as soon as it shows.
+    let seen = loop {
+        let r = app.get("/v1/reports/realtime?org=acme", &app.admin).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let calls = r.json()["windows"][1]["calls"].as_i64().unwrap();
+        if calls == 4 || acked.elapsed() > std::time::Duration::from_secs(5) {
+            break calls;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        seen, 4,
+        "the 5-minute window did not show the events within 5 s"
+    );
+}
+
 /// A policy with quotas of every tier and prices, acme on `pro`, globex on the default plan.
 async fn with_plans(backend: Backend) -> (TestApp, Vec<UsageEvent>, DateTime<Utc>) {
     let policy = PolicyFile::from_json(
@@ -1197,6 +1221,7 @@ backend_tests!(
     endpoint_and_performance_percentiles,
     patterns_by_hour_weekday_and_day,
     realtime_sees_the_last_minutes,
+    realtime_reflects_ingest_within_five_seconds,
     overview_totals_and_routes,
     timeseries_by_hour_and_series,
     top_users_orgs_and_endpoints,
