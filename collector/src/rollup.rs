@@ -512,19 +512,17 @@ impl Sample {
             dimensions: rolled_dimensions(e, declared),
         }
     }
+}
 
-    /// Its custom dimensions, (name, value) pairs; an unreadable object reads as none (the
-    /// queue is written by the collector itself, so that would be a bug, and is logged).
-    fn custom_dimensions(&self) -> Vec<(String, String)> {
-        let Some(text) = &self.dimensions else {
-            return Vec::new();
-        };
-        match serde_json::from_str::<std::collections::BTreeMap<String, String>>(text) {
-            Ok(map) => map.into_iter().collect(),
-            Err(e) => {
-                tracing::error!(error = %e, "unreadable custom dimensions in the rollup queue");
-                Vec::new()
-            }
+/// Custom dimensions as the queue stores them ([`rolled_dimensions`]), (name, value) pairs; an
+/// unreadable object reads as none (the queue is written by the collector itself, so that would
+/// be a bug, and is logged).
+fn custom_dimensions(text: &str) -> Vec<(String, String)> {
+    match serde_json::from_str::<std::collections::BTreeMap<String, String>>(text) {
+        Ok(map) => map.into_iter().collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "unreadable custom dimensions in the rollup queue");
+            Vec::new()
         }
     }
 }
@@ -546,22 +544,35 @@ pub struct Delta {
     /// rather than a histogram: most rows of a fold get one or two events, and an empty
     /// histogram is kilobytes to allocate and zero.
     pub latencies: Vec<u64>,
-    /// Hashes of the events' users, only for rows of a cube that keeps a users sketch.
+    /// Hashes of the events' users, only for rows of a cube that keeps a users sketch (a user
+    /// may be listed once for several of its events).
     pub users: Vec<u64>,
 }
 
 impl Delta {
-    fn record(&mut self, e: &Sample, cube: Cube) {
+    /// Counts one sample of a group: every latency is kept (a group feeds cubes with sketches).
+    fn record(&mut self, e: &Sample) {
         self.calls += 1;
         self.errors += i64::from(is_error(e.status));
         self.cost = self.cost.saturating_add(e.cost as i64);
         self.request_bytes = self.request_bytes.saturating_add(e.request_bytes as i64);
         self.response_bytes = self.response_bytes.saturating_add(e.response_bytes as i64);
+        self.latencies.push(e.latency_us);
+    }
+
+    /// Adds a group of samples of one `user` to a row of `cube`.
+    fn add(&mut self, group: &Delta, cube: Cube, user: &str) {
+        self.calls += group.calls;
+        self.errors += group.errors;
+        self.cost = self.cost.saturating_add(group.cost);
+        self.request_bytes = self.request_bytes.saturating_add(group.request_bytes);
+        self.response_bytes = self.response_bytes.saturating_add(group.response_bytes);
         if cube.keeps_sketch() {
-            self.latencies.push(e.latency_us);
+            self.latencies.extend_from_slice(&group.latencies);
         }
-        if cube.keeps_users() && !e.user.is_empty() {
-            self.users.push(user_hash(&e.user));
+        // Once per group: a users sketch counts each user once however often it is fed.
+        if cube.keeps_users() && !user.is_empty() {
+            self.users.push(user_hash(user));
         }
     }
 
@@ -624,32 +635,55 @@ pub fn decode_users(bytes: Option<&[u8]>) -> UsersSketch {
 
 /// Groups samples into rollup deltas, one per key per granularity per cube, ordered by (org,
 /// hash) so that every writer locks rows in the same order.
+///
+/// Two stages. Every sample is hashed once, into its group: the samples with the same full key
+/// (and custom dimensions) in the same minute. Each group then goes into its ~22 rows — every
+/// granularity's bucket follows from the minute's, since hours, days and weeks are whole
+/// minutes. Projecting each sample into every row instead hashed a key ~22 times per event,
+/// which was a quarter of the CPU of a 2-core collector under full ingest.
 pub fn aggregate<'a>(
     samples: impl IntoIterator<Item = &'a Sample>,
 ) -> Vec<(RollupKey, i64, Delta)> {
-    let samples: Vec<&Sample> = samples.into_iter().collect();
-    let custom: Vec<Vec<(String, String)>> =
-        samples.iter().map(|e| e.custom_dimensions()).collect();
-    let mut map: HashMap<KeyRef<'_>, Delta, xxhash_rust::xxh3::Xxh3DefaultBuilder> =
-        HashMap::default();
-    for (e, custom) in samples.iter().zip(&custom) {
+    let mut groups: HashMap<(KeyRef<'a>, Option<&'a str>), Delta, FoldHasher> = HashMap::default();
+    for e in samples {
+        let key = KeyRef {
+            granularity: Granularity::Minute,
+            bucket: Granularity::Minute.bucket_of(e.ts),
+            org: &e.org,
+            user: &e.user,
+            route: &e.route,
+            method: &e.method,
+            status_class: (e.status / 100) as i16,
+            decision: &e.decision,
+            rule: &e.rule,
+            dimension: "",
+            dimension_value: "",
+            cube: Cube::Full,
+        };
+        groups
+            .entry((key, e.dimensions.as_deref()))
+            .or_default()
+            .record(e);
+    }
+    let groups: Vec<_> = groups
+        .into_iter()
+        .map(|((minute, dimensions), group)| {
+            let custom = dimensions.map(custom_dimensions).unwrap_or_default();
+            (minute, custom, group)
+        })
+        .collect();
+    let mut map: HashMap<KeyRef<'_>, Delta, FoldHasher> = HashMap::default();
+    for (minute, custom, group) in &groups {
         for g in Granularity::ALL {
             let key = KeyRef {
                 granularity: g,
-                bucket: g.bucket_of(e.ts),
-                org: &e.org,
-                user: &e.user,
-                route: &e.route,
-                method: &e.method,
-                status_class: (e.status / 100) as i16,
-                decision: &e.decision,
-                rule: &e.rule,
-                dimension: "",
-                dimension_value: "",
-                cube: Cube::Full,
+                bucket: g.bucket_of(minute.bucket),
+                ..*minute
             };
             for cube in Cube::ALL.into_iter().filter(|c| c.has(g)) {
-                map.entry(cube.project(key)).or_default().record(e, cube);
+                map.entry(cube.project(key))
+                    .or_default()
+                    .add(group, cube, minute.user);
             }
             if Cube::Custom.has(g) {
                 for (name, value) in custom {
@@ -658,7 +692,7 @@ pub fn aggregate<'a>(
                         dimension_value: value,
                         ..Cube::Custom.project(key)
                     };
-                    map.entry(key).or_default().record(e, Cube::Custom);
+                    map.entry(key).or_default().add(group, Cube::Custom, "");
                 }
             }
         }
@@ -674,6 +708,10 @@ pub fn aggregate<'a>(
     out.sort_by(|a, b| (&a.0.org, a.1).cmp(&(&b.0.org, b.1)));
     out
 }
+
+/// The in-memory maps' hasher: fast on short strings. Stored row hashes are
+/// [`RollupKey::hash`], not this.
+type FoldHasher = foldhash::fast::RandomState;
 
 /// The counters of one caller in one bucket, summed over the user cube's rows (the first fill
 /// of the caller cube, for rows folded before it existed).
@@ -780,6 +818,142 @@ pub fn backfill_deltas(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fold's rows computed the plain way: every sample projected into every row.
+    fn aggregate_sample_by_sample(samples: &[Sample]) -> HashMap<RollupKey, Delta> {
+        let mut rows: HashMap<RollupKey, Delta> = HashMap::new();
+        let mut add = |key: KeyRef<'_>, e: &Sample| {
+            let d = rows.entry(key.to_owned()).or_default();
+            d.calls += 1;
+            d.errors += i64::from(is_error(e.status));
+            d.cost += e.cost as i64;
+            d.request_bytes += e.request_bytes as i64;
+            d.response_bytes += e.response_bytes as i64;
+            if key.cube.keeps_sketch() {
+                d.latencies.push(e.latency_us);
+            }
+            if key.cube.keeps_users() && !e.user.is_empty() {
+                d.users.push(user_hash(&e.user));
+            }
+        };
+        for e in samples {
+            let custom = e
+                .dimensions
+                .as_deref()
+                .map(custom_dimensions)
+                .unwrap_or_default();
+            for g in Granularity::ALL {
+                let key = KeyRef {
+                    granularity: g,
+                    bucket: g.bucket_of(e.ts),
+                    org: &e.org,
+                    user: &e.user,
+                    route: &e.route,
+                    method: &e.method,
+                    status_class: (e.status / 100) as i16,
+                    decision: &e.decision,
+                    rule: &e.rule,
+                    dimension: "",
+                    dimension_value: "",
+                    cube: Cube::Full,
+                };
+                for cube in Cube::ALL.into_iter().filter(|c| c.has(g)) {
+                    add(cube.project(key), e);
+                }
+                if Cube::Custom.has(g) {
+                    for (name, value) in &custom {
+                        let key = KeyRef {
+                            dimension: name,
+                            dimension_value: value,
+                            ..Cube::Custom.project(key)
+                        };
+                        add(key, e);
+                    }
+                }
+            }
+        }
+        rows
+    }
+
+    fn arb_sample() -> impl proptest::strategy::Strategy<Value = Sample> {
+        use proptest::prelude::*;
+        let pick = |names: &'static [&'static str]| proptest::sample::select(names);
+        (
+            // Three weeks around a week boundary, before and after the epoch.
+            prop_oneof![-2_000_000i64..2_000_000, 1_790_000_000i64..1_791_800_000],
+            (pick(&["acme", "globex"]), pick(&["", "u1", "u2", "u3"])),
+            (pick(&["/a", "/b"]), pick(&["GET", "POST"])),
+            proptest::sample::select(&[200u16, 201, 404, 429, 500, 503][..]),
+            (
+                pick(&["allowed", "limited", "shadow_limited"]),
+                pick(&["", "per-user"]),
+            ),
+            (0u64..100_000, 0u64..5, 0u64..3_000, 0u64..3_000),
+            proptest::option::of(pick(&[
+                r#"{"model":"small"}"#,
+                r#"{"model":"big","tier":"x"}"#,
+            ])),
+        )
+            .prop_map(
+                |(
+                    ts,
+                    (org, user),
+                    (route, method),
+                    status,
+                    (decision, rule),
+                    (lat, cost, rq, rs),
+                    dims,
+                )| Sample {
+                    ts,
+                    org: org.into(),
+                    user: user.into(),
+                    route: route.into(),
+                    method: method.into(),
+                    status,
+                    decision: decision.into(),
+                    rule: rule.into(),
+                    latency_us: lat,
+                    request_bytes: rq,
+                    response_bytes: rs,
+                    cost,
+                    dimensions: dims.map(str::to_owned),
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// Grouping by minute first changes nothing a row stores: same rows, same counters, the
+        /// same latencies, the same set of users (what a users sketch keeps), same hashes.
+        #[test]
+        fn grouping_by_minute_first_folds_the_same_rows(
+            samples in proptest::collection::vec(arb_sample(), 0..300)
+        ) {
+            let expected = aggregate_sample_by_sample(&samples);
+            let got = aggregate(&samples);
+            proptest::prop_assert_eq!(got.len(), expected.len());
+            for (key, hash, delta) in got {
+                proptest::prop_assert_eq!(hash, key.hash());
+                let want = expected.get(&key);
+                proptest::prop_assert!(want.is_some(), "{:?} not expected", key);
+                let want = want.unwrap();
+                proptest::prop_assert_eq!(
+                    (delta.calls, delta.errors, delta.cost, delta.request_bytes, delta.response_bytes),
+                    (want.calls, want.errors, want.cost, want.request_bytes, want.response_bytes),
+                    "{:?}", key
+                );
+                let sorted = |v: &[u64], dedup: bool| {
+                    let mut v = v.to_vec();
+                    v.sort_unstable();
+                    if dedup {
+                        v.dedup();
+                    }
+                    v
+                };
+                proptest::prop_assert_eq!(sorted(&delta.latencies, false), sorted(&want.latencies, false));
+                proptest::prop_assert_eq!(sorted(&delta.users, true), sorted(&want.users, true));
+            }
+        }
+    }
 
     #[test]
     fn folds_take_whole_batches_while_they_fit_and_at_least_one() {
