@@ -595,7 +595,12 @@ fn partial_path(meta_path: &Path) -> PathBuf {
 /// Migrations that change neither the stored events nor the rollups, so a cache loaded before
 /// them stays valid (the bench's `migrate` adds them to it): `0007` only adds the new queue
 /// table, which a loaded cache holds empty anyway.
-const CACHE_NEUTRAL_MIGRATIONS: &[&str] = &["0007_rollup_batches.sql"];
+const CACHE_NEUTRAL_MIGRATIONS: &[&str] = &[
+    "0007_rollup_batches.sql",
+    // Rebuilds the (empty) queue table; the collector's `migrate` then moves the cached rollups
+    // into their own file, rows unchanged.
+    "0008_rollup_batches_autoincrement.sql",
+];
 
 /// A fingerprint (FNV-1a) of the collector's migrations for one engine: names and contents. A
 /// cache loaded under other migrations is rebuilt, since new rollup columns would hold defaults
@@ -624,8 +629,16 @@ fn schema_fingerprint(engine: &str) -> String {
     format!("{h:016x}")
 }
 
+/// An SQLite database's files: the main one and the rollups' (`<db>.rollups`), with their WALs.
 fn remove_sqlite_files(db: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
+    for suffix in [
+        "",
+        "-wal",
+        "-shm",
+        ".rollups",
+        ".rollups-wal",
+        ".rollups-shm",
+    ] {
         let mut p = db.as_os_str().to_owned();
         p.push(suffix);
         let _ = std::fs::remove_file(PathBuf::from(p));

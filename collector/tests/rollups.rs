@@ -631,3 +631,160 @@ backend_tests!(
     rollups_split_by_rule,
     callers_are_backfilled_for_rows_folded_before_them
 );
+
+/// SQLite keeps the rollups in a file of their own, so folds and ingest commits take different
+/// write locks. These check what that layout promises.
+mod sqlite_rollups_file {
+    use super::*;
+
+    async fn day_calls(storage: &Storage, org: &str, at: chrono::DateTime<Utc>) -> i64 {
+        let day = at.timestamp() - at.timestamp().rem_euclid(86_400);
+        let rows = storage
+            .rollup_rows(org, Granularity::Day, day, day + 86_400)
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.values.calls).sum()
+    }
+
+    /// The point of the second file: a fold completes while an ingest transaction holds the
+    /// main file's write lock (it used to wait for it, and ingest for the fold).
+    #[tokio::test]
+    async fn a_fold_runs_while_the_events_file_is_locked() {
+        let db = common::TestDb::new(Backend::Sqlite).await;
+        let storage = db.storage().await;
+        let Storage::Sqlite(pool) = &storage else {
+            unreachable!()
+        };
+        let mut fx = Fixture::new(21);
+        let at = Utc::now() - Duration::minutes(2);
+        let events: Vec<UsageEvent> = (0..5).map(|_| fx.event("acme", at)).collect();
+        storage
+            .write_events(&events, Utc::now(), &[])
+            .await
+            .unwrap();
+        // Another writer holds the events' file.
+        let mut locker = pool.acquire().await.unwrap();
+        sqlx::query("BEGIN").execute(&mut *locker).await.unwrap();
+        sqlx::query("INSERT INTO orgs (id, name, plan, created_at) VALUES ('x', 'x', NULL, 0)")
+            .execute(&mut *locker)
+            .await
+            .unwrap();
+        let folded = tokio::time::timeout(std::time::Duration::from_secs(5), storage.fold(1_000))
+            .await
+            .expect("the fold waited for the events' file's lock");
+        assert_eq!(folded.unwrap(), 5);
+        assert_eq!(storage.queued_for_rollup().await.unwrap(), 0);
+        assert_eq!(day_calls(&storage, "acme", at).await, 5);
+        sqlx::query("ROLLBACK").execute(&mut *locker).await.unwrap();
+        // The folded batch is deleted by the next ingest transaction, and counted once.
+        let more = vec![fx.event("acme", at)];
+        storage.write_events(&more, Utc::now(), &[]).await.unwrap();
+        let batches: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollup_batches")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(batches, 1, "only the new batch is left");
+        storage.fold_all().await.unwrap();
+        assert_eq!(day_calls(&storage, "acme", at).await, 6);
+    }
+
+    /// A crash after a fold committed its rows and mark, before the folded batch left the
+    /// events' file: the batch is never folded twice, and an idle fold deletes it.
+    #[tokio::test]
+    async fn a_batch_the_mark_covers_is_not_folded_again() {
+        let db = common::TestDb::new(Backend::Sqlite).await;
+        let storage = db.storage().await;
+        let Storage::Sqlite(pool) = &storage else {
+            unreachable!()
+        };
+        let mut fx = Fixture::new(22);
+        let at = Utc::now() - Duration::minutes(2);
+        let events: Vec<UsageEvent> = (0..3).map(|_| fx.event("acme", at)).collect();
+        storage
+            .write_events(&events, Utc::now(), &[])
+            .await
+            .unwrap();
+        storage.fold_all().await.unwrap();
+        // Put the folded batch back, as if its delete never ran.
+        let seq: i64 =
+            sqlx::query_scalar("SELECT seq FROM rollupdb.fold_progress WHERE name = 'batches'")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        sqlx::query("INSERT INTO rollup_batches (seq, events, samples) VALUES ($1, 3, x'00')")
+            .bind(seq)
+            .execute(pool)
+            .await
+            .unwrap();
+        assert_eq!(storage.queued_for_rollup().await.unwrap(), 0);
+        assert_eq!(storage.fold(1_000).await.unwrap(), 0);
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollup_batches")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "the idle fold deletes what the mark covers");
+        assert_eq!(day_calls(&storage, "acme", at).await, 3);
+        // New batches get new seqs (AUTOINCREMENT), past the mark.
+        storage
+            .write_events(&[fx.event("acme", at)], Utc::now(), &[])
+            .await
+            .unwrap();
+        assert_eq!(storage.queued_for_rollup().await.unwrap(), 1);
+        storage.fold_all().await.unwrap();
+        assert_eq!(day_calls(&storage, "acme", at).await, 4);
+    }
+
+    /// A database from before the rollups' file keeps its rollups: they move there at start,
+    /// once, also after a start that crashed between the copy and the drop.
+    #[tokio::test]
+    async fn rollups_of_an_older_database_move_to_their_file() {
+        let db = common::TestDb::new(Backend::Sqlite).await;
+        let storage = db.storage().await;
+        let Storage::Sqlite(pool) = &storage else {
+            unreachable!()
+        };
+        let mut fx = Fixture::new(23);
+        let at = Utc::now() - Duration::minutes(2);
+        let events: Vec<UsageEvent> = (0..4).map(|_| fx.event("acme", at)).collect();
+        storage
+            .write_events(&events, Utc::now(), &[])
+            .await
+            .unwrap();
+        storage.fold_all().await.unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollupdb.rollups")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert!(rows > 0);
+        // The older layout: the tables in the main file. Half a copy is left in the rollups'
+        // file, as a start that crashed after copying would leave it (plus a stray row).
+        for sql in [
+            "CREATE TABLE main.rollups AS SELECT * FROM rollupdb.rollups",
+            "CREATE TABLE main.rollup_epochs AS SELECT * FROM rollupdb.rollup_epochs",
+            "CREATE TABLE main.rollup_backfills AS SELECT * FROM rollupdb.rollup_backfills",
+            "DELETE FROM rollupdb.rollups WHERE cube <> 0",
+            "UPDATE rollupdb.rollups SET calls = calls + 100",
+        ] {
+            sqlx::query(sql).execute(pool).await.unwrap();
+        }
+        drop(storage);
+        let storage = db.storage().await;
+        let Storage::Sqlite(pool) = &storage else {
+            unreachable!()
+        };
+        let in_main: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM main.sqlite_master WHERE name LIKE 'rollup%' AND type = 'table' \
+             AND name <> 'rollup_batches' AND name <> 'rollup_queue'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(in_main, 0);
+        let moved: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollupdb.rollups")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(moved, rows);
+        assert_eq!(day_calls(&storage, "acme", at).await, 4);
+    }
+}

@@ -64,7 +64,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::SqlitePool;
 use tollgate_core::event::{EdgeKind, UsageEvent};
 use uuid::Uuid;
@@ -202,21 +202,16 @@ impl Storage {
             if path.is_empty() {
                 return Err(DbError::Url("empty SQLite path".into()));
             }
-            let options = SqliteConnectOptions::new()
-                .filename(path)
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(Duration::from_secs(10))
-                // SQLite's default page cache is 2 MiB per connection: a fold touches more
-                // rollup pages than that, and every miss was a read(2) of a page the OS had
-                // cached anyway. 64 MiB per connection holds a fold's working set; reads of
-                // the rest go through a memory map instead of copying each page.
-                .pragma("cache_size", "-65536")
-                .pragma("mmap_size", "1073741824");
+            let rollups: std::sync::Arc<str> = sqlite::rollups_path(path).into();
+            // The rollups' file: its own schema first, then attached to every connection.
+            sqlite::migrate_rollups_file(&rollups).await?;
             let pool = SqlitePoolOptions::new()
                 .max_connections(max_connections.max(2))
-                .connect_with(options)
+                .after_connect(move |conn, _| {
+                    let rollups = rollups.clone();
+                    Box::pin(async move { sqlite::attach_rollups(conn, &rollups).await })
+                })
+                .connect_with(sqlite::connect_options(path))
                 .await?;
             Ok(Storage::Sqlite(pool))
         }
@@ -233,7 +228,10 @@ impl Storage {
     /// Applies the engine's migrations (idempotent).
     pub async fn migrate(&self) -> Result<(), DbError> {
         match self {
-            Storage::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+            Storage::Sqlite(pool) => {
+                sqlx::migrate!("./migrations/sqlite").run(pool).await?;
+                sqlite::move_rollups(pool).await?;
+            }
             Storage::Postgres(pg) => {
                 sqlx::migrate!("./migrations/postgres")
                     .run(&pg.pool)
@@ -396,13 +394,18 @@ impl Storage {
 
     /// Events stored but not yet folded into the rollups (committed state).
     pub async fn queued_for_rollup(&self) -> Result<i64, DbError> {
-        let n: (i64,) = both!(self, pool => sqlx::query_as(
-            "SELECT (SELECT COUNT(*) FROM rollup_queue) \
-             + (SELECT CAST(COALESCE(SUM(events), 0) AS BIGINT) FROM rollup_batches)",
-        )
-            .fetch_one(pool)
-            .await)?;
-        Ok(n.0)
+        match self {
+            Storage::Sqlite(pool) => sqlite::queued_for_rollup(pool).await,
+            Storage::Postgres(pg) => {
+                let n: (i64,) = sqlx::query_as(
+                    "SELECT (SELECT COUNT(*) FROM rollup_queue) \
+                     + (SELECT CAST(COALESCE(SUM(events), 0) AS BIGINT) FROM rollup_batches)",
+                )
+                .fetch_one(&pg.pool)
+                .await?;
+                Ok(n.0)
+            }
+        }
     }
 
     /// Folds until the queue is empty (tests, and shutdown).

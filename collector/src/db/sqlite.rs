@@ -1,12 +1,18 @@
 //! SQLite's write path: the known ids looked up, then prepared multi-row `INSERT`s of the rest
 //! in one transaction under the write lock, the new events queued for the rollups in the same
-//! transaction; and the fold that moves queued events into the rollup rows (read, merge, write)
-//! and deletes them from the queue, again in one transaction.
+//! transaction; and the fold that moves queued events into the rollup rows (read, merge, write).
+//!
+//! The rollups live in a second file (`<database>.rollups`, attached to every connection as
+//! `rollupdb`), so a fold's writes and an ingest's writes take different write locks and run at
+//! the same time. No transaction writes both files (SQLite does not make that atomic across a
+//! crash): the fold writes the rollups and its progress mark together, then deletes what it
+//! folded from the queue.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 use tollgate_core::event::UsageEvent;
 use uuid::Uuid;
 
@@ -24,6 +30,130 @@ const COLUMNS: &str = "INSERT INTO events (id, ts, org, user_id, plan, method, r
 /// and every full chunk reuses one prepared statement.
 const ROWS_PER_STATEMENT: usize = 1_000;
 
+/// Options for a connection to one of the database's files: WAL, full durability.
+pub(super) fn connect_options(path: &str) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(std::time::Duration::from_secs(10))
+        // SQLite's default page cache is 2 MiB per connection: a fold touches more rollup pages
+        // than that, and every miss was a read(2) of a page the OS had cached anyway. 64 MiB
+        // per connection holds a fold's working set; reads of the rest go through a memory map
+        // instead of copying each page.
+        .pragma("cache_size", "-65536")
+        .pragma("mmap_size", "1073741824")
+}
+
+/// The rollups' file of the database at `path`.
+pub(super) fn rollups_path(path: &str) -> String {
+    format!("{path}.rollups")
+}
+
+/// Creates or updates the rollups' file's own schema (`migrations/sqlite-rollups`, recorded in
+/// that file), before any connection attaches it.
+pub(super) async fn migrate_rollups_file(path: &str) -> Result<(), DbError> {
+    let mut conn = SqliteConnection::connect_with(&connect_options(path)).await?;
+    sqlx::migrate!("./migrations/sqlite-rollups")
+        .run(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// Attaches the rollups' file to a new connection, with the settings the main file gets.
+pub(super) async fn attach_rollups(
+    conn: &mut SqliteConnection,
+    path: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("ATTACH DATABASE $1 AS rollupdb")
+        .bind(path)
+        .execute(&mut *conn)
+        .await?;
+    for pragma in [
+        "PRAGMA rollupdb.synchronous = FULL",
+        "PRAGMA rollupdb.cache_size = -65536",
+        "PRAGMA rollupdb.mmap_size = 1073741824",
+    ] {
+        sqlx::query(pragma).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Moves the rollups of a database from before the rollups' file (migrations 0001–0007 built
+/// them in the main file) into it, once. Two steps, each a transaction of one file, so a crash
+/// between them is repaired by doing both again: copy (replacing whatever an interrupted copy
+/// left), then drop the originals.
+pub(super) async fn move_rollups(pool: &SqlitePool) -> Result<(), DbError> {
+    let mut conn = pool.acquire().await?;
+    let in_main: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM main.sqlite_master WHERE type = 'table' AND name = 'rollups'",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if in_main == 0 {
+        return Ok(());
+    }
+    let mut tx = conn.begin().await?;
+    for statement in [
+        "DELETE FROM rollupdb.rollups",
+        "INSERT INTO rollupdb.rollups (cube, granularity, bucket, org, key_hash, user_id, route, \
+         method, status_class, decision, rule, calls, errors, cost, request_bytes, \
+         response_bytes, latency_sketch, dimension, dimension_value, users_sketch) \
+         SELECT cube, granularity, bucket, org, key_hash, user_id, route, method, status_class, \
+         decision, rule, calls, errors, cost, request_bytes, response_bytes, latency_sketch, \
+         dimension, dimension_value, users_sketch FROM main.rollups",
+        "DELETE FROM rollupdb.rollup_epochs",
+        "INSERT INTO rollupdb.rollup_epochs (granularity, since) \
+         SELECT granularity, since FROM main.rollup_epochs",
+        "DELETE FROM rollupdb.rollup_backfills",
+        "INSERT INTO rollupdb.rollup_backfills (name) SELECT name FROM main.rollup_backfills",
+        // The old fold deleted what it folded in the same file: what is queued is unfolded.
+        "DELETE FROM rollupdb.fold_progress",
+    ] {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    let mut tx = conn.begin().await?;
+    for table in ["rollups", "rollup_epochs", "rollup_backfills"] {
+        sqlx::query(&format!("DROP TABLE main.{table}"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The fold's progress marks: the last `rollup_queue` and `rollup_batches` seqs the rollups hold.
+async fn fold_progress(conn: &mut SqliteConnection) -> Result<(i64, i64), DbError> {
+    let marks: Vec<(String, i64)> = sqlx::query_as("SELECT name, seq FROM rollupdb.fold_progress")
+        .fetch_all(&mut *conn)
+        .await?;
+    let mark = |name: &str| {
+        marks
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, seq)| *seq)
+    };
+    Ok((mark("queue"), mark("batches")))
+}
+
+/// Events queued and not yet in the rollups: past the progress marks.
+pub(super) async fn queued_for_rollup(pool: &SqlitePool) -> Result<i64, DbError> {
+    let mut conn = pool.acquire().await?;
+    let (queue_done, batches_done) = fold_progress(&mut conn).await?;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM rollup_queue WHERE seq > $1) \
+         + (SELECT COALESCE(SUM(events), 0) FROM rollup_batches WHERE seq > $2)",
+    )
+    .bind(queue_done)
+    .bind(batches_done)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(n)
+}
+
 pub(super) async fn write_events(
     pool: &SqlitePool,
     events: &[UsageEvent],
@@ -31,11 +161,21 @@ pub(super) async fn write_events(
     rolled: &[String],
 ) -> Result<Vec<bool>, DbError> {
     let received = received_at.timestamp();
-    // `BEGIN IMMEDIATE` takes the database's write lock before the first read, so no other
-    // writer can store an id between the known-ids check below and the insert: the check
-    // decides alone, and the insert needs neither `ON CONFLICT` nor `RETURNING` (which sent
-    // every inserted id back through sqlx's worker channel).
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    // The main file's write lock is taken before the first read, so no other writer can store
+    // an id between the known-ids check below and the insert: the check decides alone, and the
+    // insert needs neither `ON CONFLICT` nor `RETURNING` (which sent every inserted id back
+    // through sqlx's worker channel). Not with `BEGIN IMMEDIATE`, which would lock the attached
+    // rollups' file too and wait for folds: a write statement locks only the file it writes.
+    // The statement that takes the lock deletes the batches the rollups already hold (up to
+    // the fold's mark, read from the rollups' file: a mark committed later only leaves more
+    // for the next transaction).
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "DELETE FROM main.rollup_batches WHERE seq <= \
+         COALESCE((SELECT seq FROM rollupdb.fold_progress WHERE name = 'batches'), 0)",
+    )
+    .execute(&mut *tx)
+    .await?;
     let mut known: HashSet<Uuid> = HashSet::new();
     for chunk in events.chunks(ROWS_PER_STATEMENT) {
         let mut qb: QueryBuilder<'_, Sqlite> =
@@ -118,19 +258,25 @@ const FOLD_ROWS_PER_STATEMENT: usize = 1_000;
 /// returns how many.
 ///
 /// Reading the queue and the stored sketches, aggregating and merging sketches all happen
-/// before the write transaction, so SQLite's single write lock — which the ingest commits wait
-/// for — is held only for the writes themselves. Reads and writes go a thousand rows per
-/// statement: every statement is a round trip to sqlx's SQLite worker thread, and one per row
-/// made that hand-off most of a fold's time.
+/// before the write transaction, so the rollups' write lock is held only for the writes
+/// themselves. Reads and writes go a thousand rows per statement: every statement is a round
+/// trip to sqlx's SQLite worker thread, and one per row made that hand-off most of a fold's
+/// time.
+///
+/// The rows and the progress marks commit together in the rollups' file; the folded batches are
+/// deleted from the main file later (by the next ingest transaction, or by an idle fold). Until
+/// then, and after a crash in between, every read skips what the marks cover.
 pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError> {
     let _guard = FOLD_LOCK.lock().await;
     let mut conn = pool.acquire().await?;
+    let (queue_done, batches_done) = fold_progress(&mut conn).await?;
     // What an older collector queued one row per event goes first.
     let rows: Vec<Queued> = sqlx::query_as(
         "SELECT seq, ts, org, user_id, route, method, status, decision, rule, latency_us, \
-         request_bytes, response_bytes, cost, dimensions FROM rollup_queue ORDER BY seq \
-         LIMIT $1",
+         request_bytes, response_bytes, cost, dimensions FROM rollup_queue WHERE seq > $1 \
+         ORDER BY seq LIMIT $2",
     )
+    .bind(queue_done)
     .bind(max.min(i64::MAX as usize) as i64)
     .fetch_all(&mut *conn)
     .await?;
@@ -139,47 +285,84 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
     // Then whole batches, oldest first, while they fit in `max` (at least one).
     let mut batch_last = None;
     if samples.len() < max {
-        let heads: Vec<(i64, i64)> =
-            sqlx::query_as("SELECT seq, events FROM rollup_batches ORDER BY seq LIMIT 1024")
-                .fetch_all(&mut *conn)
-                .await?;
+        let heads: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT seq, events FROM rollup_batches WHERE seq > $1 ORDER BY seq LIMIT 1024",
+        )
+        .bind(batches_done)
+        .fetch_all(&mut *conn)
+        .await?;
         let take = rollup::batches_that_fit(&heads, samples.len(), max);
         batch_last = take.checked_sub(1).map(|i| heads[i].0);
         if let Some(last) = batch_last {
-            // Only this fold deletes from the queue's head (FOLD_LOCK), so the range is stable.
-            let blobs: Vec<(Vec<u8>,)> =
-                sqlx::query_as("SELECT samples FROM rollup_batches WHERE seq <= $1 ORDER BY seq")
-                    .bind(last)
-                    .fetch_all(&mut *conn)
-                    .await?;
+            // Only this fold moves the marks (FOLD_LOCK), so the range is stable.
+            let blobs: Vec<(Vec<u8>,)> = sqlx::query_as(
+                "SELECT samples FROM rollup_batches WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+            )
+            .bind(batches_done)
+            .bind(last)
+            .fetch_all(&mut *conn)
+            .await?;
             for (blob,) in blobs {
                 samples.extend(rollup::decode_samples(&blob)?);
             }
         }
     }
     if samples.is_empty() {
+        delete_folded(&mut conn, queue_done, batches_done).await?;
         return Ok(0);
     }
     let deltas = rollup::aggregate(&samples);
     let sketches = merged_sketches(&mut conn, &deltas).await?;
-    drop(conn);
 
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    // Deferred: the first write locks the rollups' file only.
+    let mut tx = conn.begin().await?;
     write_deltas(&mut tx, &deltas, &sketches).await?;
-    if let Some(last) = queue_last {
-        sqlx::query("DELETE FROM rollup_queue WHERE seq <= $1")
+    for (name, last) in [("queue", queue_last), ("batches", batch_last)] {
+        if let Some(last) = last {
+            sqlx::query(
+                "INSERT INTO rollupdb.fold_progress (name, seq) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+            )
+            .bind(name)
             .bind(last)
             .execute(&mut *tx)
             .await?;
-    }
-    if let Some(last) = batch_last {
-        sqlx::query("DELETE FROM rollup_batches WHERE seq <= $1")
-            .bind(last)
-            .execute(&mut *tx)
-            .await?;
+        }
     }
     tx.commit().await?;
     Ok(samples.len())
+}
+
+/// Deletes from the main file the queued events the rollups already hold (up to the marks),
+/// when the folder finds nothing new. While events arrive, each ingest transaction deletes the
+/// folded batches under the lock it holds anyway, so the folder never waits for that lock.
+/// Looks before it writes: most calls find nothing.
+async fn delete_folded(
+    conn: &mut SqliteConnection,
+    queue_done: i64,
+    batches_done: i64,
+) -> Result<(), DbError> {
+    let (queue, batches): (i64, i64) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM rollup_queue WHERE seq <= $1), \
+         EXISTS (SELECT 1 FROM rollup_batches WHERE seq <= $2)",
+    )
+    .bind(queue_done)
+    .bind(batches_done)
+    .fetch_one(&mut *conn)
+    .await?;
+    if queue != 0 {
+        sqlx::query("DELETE FROM rollup_queue WHERE seq <= $1")
+            .bind(queue_done)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if batches != 0 {
+        sqlx::query("DELETE FROM rollup_batches WHERE seq <= $1")
+            .bind(batches_done)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Migration 0006's backfill (see `Storage::backfill_callers`), in one write transaction under
@@ -193,7 +376,12 @@ pub(super) async fn backfill_callers(pool: &SqlitePool) -> Result<(), DbError> {
         return Ok(());
     }
     let _guard = FOLD_LOCK.lock().await;
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    // The rollups' file's write lock first (a write to it, not `BEGIN IMMEDIATE`, which would
+    // lock the main file too), so the check below is not read from a stale snapshot.
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM rollupdb.rollup_backfills WHERE 0")
+        .execute(&mut *tx)
+        .await?;
     backfill_callers_in!(tx, deltas => {
         let sketches = merged_sketches(&mut tx, &deltas).await?;
         write_deltas(&mut tx, &deltas, &sketches).await?;
