@@ -734,6 +734,71 @@ mod sqlite_rollups_file {
         assert_eq!(day_calls(&storage, "acme", at).await, 4);
     }
 
+    /// Every row's sketch holds exactly its events' latencies (its count equals `calls`).
+    async fn sketches_match_calls(storage: &Storage, g: Granularity, at: chrono::DateTime<Utc>) {
+        let start = g.bucket(at);
+        let rows = storage
+            .rollup_rows("acme", g, start, start + g.seconds())
+            .await
+            .unwrap();
+        assert!(!rows.is_empty());
+        for r in rows {
+            assert_eq!(
+                r.values.sketch.len() as i64,
+                r.values.calls,
+                "{g:?} {}",
+                r.route
+            );
+        }
+    }
+
+    /// The folder reuses the sketches it wrote instead of reading them back: folds into the
+    /// same rows keep every latency once, and a prune between folds (which deletes rows behind
+    /// the folder's back) is not undone by a stale sketch.
+    #[tokio::test]
+    async fn the_folders_sketches_stay_what_is_stored() {
+        let db = common::TestDb::new(Backend::Sqlite).await;
+        let storage = db.storage().await;
+        let mut fx = Fixture::new(24);
+        let at = Utc::now() - Duration::minutes(2);
+        for round in 0..3 {
+            let events: Vec<UsageEvent> = (0..4).map(|_| fx.event("acme", at)).collect();
+            storage
+                .write_events(&events, Utc::now(), &[])
+                .await
+                .unwrap();
+            storage.fold_all().await.unwrap();
+            assert_eq!(day_calls(&storage, "acme", at).await, 4 * (round + 1));
+            for g in [Granularity::Minute, Granularity::Day] {
+                sketches_match_calls(&storage, g, at).await;
+            }
+        }
+        // Old minutes pruned (every minute row is older than a cutoff in the future), then
+        // events of the same minute: their minute rows start again from these events alone.
+        storage
+            .prune(
+                Utc::now() - Duration::days(365),
+                Utc::now() + Duration::minutes(1),
+            )
+            .await
+            .unwrap();
+        let minute = Granularity::Minute.bucket(at);
+        let rows = storage
+            .rollup_rows("acme", Granularity::Minute, minute, minute + 60)
+            .await
+            .unwrap();
+        assert!(rows.is_empty());
+        let events: Vec<UsageEvent> = (0..2).map(|_| fx.event("acme", at)).collect();
+        storage
+            .write_events(&events, Utc::now(), &[])
+            .await
+            .unwrap();
+        storage.fold_all().await.unwrap();
+        sketches_match_calls(&storage, Granularity::Minute, at).await;
+        sketches_match_calls(&storage, Granularity::Day, at).await;
+        assert_eq!(day_calls(&storage, "acme", at).await, 14);
+    }
+
     /// A database from before the rollups' file keeps its rollups: they move there at start,
     /// once, also after a start that crashed between the copy and the drop.
     #[tokio::test]

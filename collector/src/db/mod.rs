@@ -510,15 +510,30 @@ impl Storage {
             Storage::Postgres(pg) => pg.drop_partitions_before(cutoff).await?,
         }
         // Every cube named, so each cube's old minutes are one range of `rollups_time`.
-        both!(self, pool => sqlx::query(
-            "DELETE FROM rollups WHERE cube IN (0, 1, 2, 3, 4) AND granularity = $1 \
-             AND bucket < $2",
-        )
-        .bind(Granularity::Minute.code())
-        .bind(minute_cutoff.timestamp())
-        .execute(pool)
-        .await
-        .map(|_| ()))?;
+        const OLD_MINUTES: &str = "DELETE FROM rollups WHERE cube IN (0, 1, 2, 3, 4) \
+            AND granularity = $1 AND bucket < $2";
+        let minute = Granularity::Minute.code();
+        let before = minute_cutoff.timestamp();
+        match self {
+            // Between folds: the folder keeps the sketches it wrote (`sqlite::fold`).
+            Storage::Sqlite(pool) => {
+                sqlite::between_folds(|| async {
+                    sqlx::query(OLD_MINUTES)
+                        .bind(minute)
+                        .bind(before)
+                        .execute(pool)
+                        .await
+                })
+                .await?;
+            }
+            Storage::Postgres(pg) => {
+                sqlx::query(OLD_MINUTES)
+                    .bind(minute)
+                    .bind(before)
+                    .execute(&pg.pool)
+                    .await?;
+            }
+        }
         Ok(())
     }
 }
