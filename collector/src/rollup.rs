@@ -233,7 +233,25 @@ struct KeyRef<'a> {
     cube: Cube,
 }
 
-impl KeyRef<'_> {
+impl<'a> KeyRef<'a> {
+    /// A sample's full key (every dimension, no custom one) in its bucket of `g`.
+    fn full(e: &'a Sample, g: Granularity) -> Self {
+        KeyRef {
+            granularity: g,
+            bucket: g.bucket_of(e.ts),
+            org: &e.org,
+            user: &e.user,
+            route: &e.route,
+            method: &e.method,
+            status_class: (e.status / 100) as i16,
+            decision: &e.decision,
+            rule: &e.rule,
+            dimension: "",
+            dimension_value: "",
+            cube: Cube::Full,
+        }
+    }
+
     fn to_owned(self) -> RollupKey {
         RollupKey {
             granularity: self.granularity,
@@ -646,22 +664,11 @@ pub fn aggregate<'a>(
 ) -> Vec<(RollupKey, i64, Delta)> {
     let mut groups: HashMap<(KeyRef<'a>, Option<&'a str>), Delta, FoldHasher> = HashMap::default();
     for e in samples {
-        let key = KeyRef {
-            granularity: Granularity::Minute,
-            bucket: Granularity::Minute.bucket_of(e.ts),
-            org: &e.org,
-            user: &e.user,
-            route: &e.route,
-            method: &e.method,
-            status_class: (e.status / 100) as i16,
-            decision: &e.decision,
-            rule: &e.rule,
-            dimension: "",
-            dimension_value: "",
-            cube: Cube::Full,
-        };
         groups
-            .entry((key, e.dimensions.as_deref()))
+            .entry((
+                KeyRef::full(e, Granularity::Minute),
+                e.dimensions.as_deref(),
+            ))
             .or_default()
             .record(e);
     }
@@ -843,20 +850,7 @@ mod tests {
                 .map(custom_dimensions)
                 .unwrap_or_default();
             for g in Granularity::ALL {
-                let key = KeyRef {
-                    granularity: g,
-                    bucket: g.bucket_of(e.ts),
-                    org: &e.org,
-                    user: &e.user,
-                    route: &e.route,
-                    method: &e.method,
-                    status_class: (e.status / 100) as i16,
-                    decision: &e.decision,
-                    rule: &e.rule,
-                    dimension: "",
-                    dimension_value: "",
-                    cube: Cube::Full,
-                };
+                let key = KeyRef::full(e, g);
                 for cube in Cube::ALL.into_iter().filter(|c| c.has(g)) {
                     add(cube.project(key), e);
                 }

@@ -637,6 +637,37 @@ backend_tests!(
 mod sqlite_rollups_file {
     use super::*;
 
+    /// A fresh SQLite database with `n` events of acme (two minutes old) written, not folded.
+    async fn with_events(
+        seed: u64,
+        n: usize,
+    ) -> (common::TestDb, Storage, Fixture, chrono::DateTime<Utc>) {
+        let db = common::TestDb::new(Backend::Sqlite).await;
+        let storage = db.storage().await;
+        let mut fx = Fixture::new(seed);
+        let at = Utc::now() - Duration::minutes(2);
+        let events: Vec<UsageEvent> = (0..n).map(|_| fx.event("acme", at)).collect();
+        storage
+            .write_events(&events, Utc::now(), &[])
+            .await
+            .unwrap();
+        (db, storage, fx, at)
+    }
+
+    fn pool(storage: &Storage) -> &sqlx::SqlitePool {
+        match storage {
+            Storage::Sqlite(pool) => pool,
+            Storage::Postgres(_) => unreachable!("SQLite only"),
+        }
+    }
+
+    async fn scalar(storage: &Storage, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(pool(storage))
+            .await
+            .unwrap()
+    }
+
     async fn day_calls(storage: &Storage, org: &str, at: chrono::DateTime<Utc>) -> i64 {
         let day = at.timestamp() - at.timestamp().rem_euclid(86_400);
         let rows = storage
@@ -650,18 +681,8 @@ mod sqlite_rollups_file {
     /// main file's write lock (it used to wait for it, and ingest for the fold).
     #[tokio::test]
     async fn a_fold_runs_while_the_events_file_is_locked() {
-        let db = common::TestDb::new(Backend::Sqlite).await;
-        let storage = db.storage().await;
-        let Storage::Sqlite(pool) = &storage else {
-            unreachable!()
-        };
-        let mut fx = Fixture::new(21);
-        let at = Utc::now() - Duration::minutes(2);
-        let events: Vec<UsageEvent> = (0..5).map(|_| fx.event("acme", at)).collect();
-        storage
-            .write_events(&events, Utc::now(), &[])
-            .await
-            .unwrap();
+        let (_db, storage, mut fx, at) = with_events(21, 5).await;
+        let pool = pool(&storage);
         // Another writer holds the events' file.
         let mut locker = pool.acquire().await.unwrap();
         sqlx::query("BEGIN").execute(&mut *locker).await.unwrap();
@@ -679,10 +700,7 @@ mod sqlite_rollups_file {
         // The folded batch is deleted by the next ingest transaction, and counted once.
         let more = vec![fx.event("acme", at)];
         storage.write_events(&more, Utc::now(), &[]).await.unwrap();
-        let batches: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollup_batches")
-            .fetch_one(pool)
-            .await
-            .unwrap();
+        let batches: i64 = scalar(&storage, "SELECT COUNT(*) FROM rollup_batches").await;
         assert_eq!(batches, 1, "only the new batch is left");
         storage.fold_all().await.unwrap();
         assert_eq!(day_calls(&storage, "acme", at).await, 6);
@@ -692,25 +710,15 @@ mod sqlite_rollups_file {
     /// events' file: the batch is never folded twice, and an idle fold deletes it.
     #[tokio::test]
     async fn a_batch_the_mark_covers_is_not_folded_again() {
-        let db = common::TestDb::new(Backend::Sqlite).await;
-        let storage = db.storage().await;
-        let Storage::Sqlite(pool) = &storage else {
-            unreachable!()
-        };
-        let mut fx = Fixture::new(22);
-        let at = Utc::now() - Duration::minutes(2);
-        let events: Vec<UsageEvent> = (0..3).map(|_| fx.event("acme", at)).collect();
-        storage
-            .write_events(&events, Utc::now(), &[])
-            .await
-            .unwrap();
+        let (_db, storage, mut fx, at) = with_events(22, 3).await;
+        let pool = pool(&storage);
         storage.fold_all().await.unwrap();
         // Put the folded batch back, as if its delete never ran.
-        let seq: i64 =
-            sqlx::query_scalar("SELECT seq FROM rollupdb.fold_progress WHERE name = 'batches'")
-                .fetch_one(pool)
-                .await
-                .unwrap();
+        let seq: i64 = scalar(
+            &storage,
+            "SELECT seq FROM rollupdb.fold_progress WHERE name = 'batches'",
+        )
+        .await;
         sqlx::query("INSERT INTO rollup_batches (seq, events, samples) VALUES ($1, 3, x'00')")
             .bind(seq)
             .execute(pool)
@@ -718,10 +726,7 @@ mod sqlite_rollups_file {
             .unwrap();
         assert_eq!(storage.queued_for_rollup().await.unwrap(), 0);
         assert_eq!(storage.fold(1_000).await.unwrap(), 0);
-        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollup_batches")
-            .fetch_one(pool)
-            .await
-            .unwrap();
+        let left: i64 = scalar(&storage, "SELECT COUNT(*) FROM rollup_batches").await;
         assert_eq!(left, 0, "the idle fold deletes what the mark covers");
         assert_eq!(day_calls(&storage, "acme", at).await, 3);
         // New batches get new seqs (AUTOINCREMENT), past the mark.
@@ -803,23 +808,10 @@ mod sqlite_rollups_file {
     /// once, also after a start that crashed between the copy and the drop.
     #[tokio::test]
     async fn rollups_of_an_older_database_move_to_their_file() {
-        let db = common::TestDb::new(Backend::Sqlite).await;
-        let storage = db.storage().await;
-        let Storage::Sqlite(pool) = &storage else {
-            unreachable!()
-        };
-        let mut fx = Fixture::new(23);
-        let at = Utc::now() - Duration::minutes(2);
-        let events: Vec<UsageEvent> = (0..4).map(|_| fx.event("acme", at)).collect();
-        storage
-            .write_events(&events, Utc::now(), &[])
-            .await
-            .unwrap();
+        let (db, storage, _, at) = with_events(23, 4).await;
+        let pool = pool(&storage);
         storage.fold_all().await.unwrap();
-        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollupdb.rollups")
-            .fetch_one(pool)
-            .await
-            .unwrap();
+        let rows: i64 = scalar(&storage, "SELECT COUNT(*) FROM rollupdb.rollups").await;
         assert!(rows > 0);
         // The older layout: the tables in the main file. Half a copy is left in the rollups'
         // file, as a start that crashed after copying would leave it (plus a stray row).
@@ -834,21 +826,14 @@ mod sqlite_rollups_file {
         }
         drop(storage);
         let storage = db.storage().await;
-        let Storage::Sqlite(pool) = &storage else {
-            unreachable!()
-        };
-        let in_main: i64 = sqlx::query_scalar(
+        let in_main = scalar(
+            &storage,
             "SELECT COUNT(*) FROM main.sqlite_master WHERE name LIKE 'rollup%' AND type = 'table' \
              AND name <> 'rollup_batches' AND name <> 'rollup_queue'",
         )
-        .fetch_one(pool)
-        .await
-        .unwrap();
+        .await;
         assert_eq!(in_main, 0);
-        let moved: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM rollupdb.rollups")
-            .fetch_one(pool)
-            .await
-            .unwrap();
+        let moved: i64 = scalar(&storage, "SELECT COUNT(*) FROM rollupdb.rollups").await;
         assert_eq!(moved, rows);
         assert_eq!(day_calls(&storage, "acme", at).await, 4);
     }
