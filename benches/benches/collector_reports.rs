@@ -597,6 +597,9 @@ fn partial_path(meta_path: &Path) -> PathBuf {
 /// table, which a loaded cache holds empty anyway.
 const CACHE_NEUTRAL_MIGRATIONS: &[&str] = &[
     "0007_rollup_batches.sql",
+    // The rollups' own file (SQLite): the collector's `migrate` moves the cached rollups into
+    // it unchanged. Later migrations of that file count.
+    "0001_rollups.sql",
     // Rebuilds the (empty) queue table; the collector's `migrate` then moves the cached rollups
     // into their own file, rows unchanged.
     "0008_rollup_batches_autoincrement.sql",
@@ -606,12 +609,20 @@ const CACHE_NEUTRAL_MIGRATIONS: &[&str] = &[
 /// cache loaded under other migrations is rebuilt, since new rollup columns would hold defaults
 /// rather than folded values.
 fn schema_fingerprint(engine: &str) -> String {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../collector/migrations")
-        .join(engine);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let migrations = Path::new(env!("CARGO_MANIFEST_DIR")).join("../collector/migrations");
+    // SQLite's rollups file has migrations of its own.
+    let dirs = match engine {
+        "sqlite" => vec![migrations.join("sqlite"), migrations.join("sqlite-rollups")],
+        _ => vec![migrations.join(engine)],
+    };
+    let mut files: Vec<PathBuf> = dirs
+        .iter()
+        .flat_map(|dir| {
+            std::fs::read_dir(dir)
+                .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+                .unwrap_or_else(|_| Vec::new())
+        })
+        .collect();
     files.retain(|f| {
         f.file_name()
             .is_none_or(|n| !CACHE_NEUTRAL_MIGRATIONS.iter().any(|m| n == *m))

@@ -18,8 +18,9 @@ use crate::metrics::Metrics;
 
 /// Longest wait between folds when nothing signals one.
 pub const INTERVAL: Duration = Duration::from_millis(100);
-/// Most events one fold takes: bounds how long a fold holds SQLite's write lock (and the
-/// commits waiting behind it) and the fold's memory (a few hundred bytes per event).
+/// Most events one fold takes: bounds how long a fold holds the rollups' write lock (on SQLite
+/// the rollups' own file's, which ingest commits no longer wait for) and the fold's memory (a
+/// few hundred bytes per event).
 ///
 /// A backlog folds faster in bigger folds: a rollup row is read, merged and written once per
 /// fold, and the hour, day and week rows are shared by every event of the fold. With 50,000

@@ -804,6 +804,28 @@ mod sqlite_rollups_file {
         assert_eq!(day_calls(&storage, "acme", at).await, 14);
     }
 
+    /// A rollups file newer than the main file beside it (a mismatched restore): its mark is
+    /// past every batch seq the main file has handed out. New batches still get counted.
+    #[tokio::test]
+    async fn batches_after_a_mismatched_restore_are_not_lost() {
+        let (db, storage, mut fx, at) = with_events(25, 2).await;
+        storage.fold_all().await.unwrap();
+        sqlx::query("UPDATE rollupdb.fold_progress SET seq = seq + 1000 WHERE name = 'batches'")
+            .execute(pool(&storage))
+            .await
+            .unwrap();
+        drop(storage);
+        let storage = db.storage().await;
+        let events: Vec<UsageEvent> = (0..3).map(|_| fx.event("acme", at)).collect();
+        storage
+            .write_events(&events, Utc::now(), &[])
+            .await
+            .unwrap();
+        assert_eq!(storage.queued_for_rollup().await.unwrap(), 3);
+        storage.fold_all().await.unwrap();
+        assert_eq!(day_calls(&storage, "acme", at).await, 5);
+    }
+
     /// A database from before the rollups' file keeps its rollups: they move there at start,
     /// once, also after a start that crashed between the copy and the drop.
     #[tokio::test]

@@ -90,6 +90,11 @@ pub enum DbError {
     /// queued, so a fixed collector folds it later.
     #[error("rollup samples: {0}")]
     Samples(#[from] postcard::Error),
+    /// Another process folded the same SQLite database meanwhile; this fold wrote nothing.
+    #[error(
+        "another process folds this SQLite database: serve each SQLite file from one collector"
+    )]
+    ConcurrentFold,
 }
 
 impl DbError {
@@ -231,6 +236,7 @@ impl Storage {
             Storage::Sqlite(pool) => {
                 sqlx::migrate!("./migrations/sqlite").run(pool).await?;
                 sqlite::move_rollups(pool).await?;
+                sqlite::seqs_past_the_mark(pool).await?;
             }
             Storage::Postgres(pg) => {
                 sqlx::migrate!("./migrations/postgres")
@@ -408,7 +414,7 @@ impl Storage {
         }
     }
 
-    /// Folds until the queue is empty (tests, and shutdown).
+    /// Folds until the queue is empty (tests and benchmarks; at shutdown the folder drains it).
     pub async fn fold_all(&self) -> Result<(), DbError> {
         for _ in 0..10_000 {
             while self.fold(100_000).await? > 0 {}

@@ -127,6 +127,41 @@ pub(super) async fn move_rollups(pool: &SqlitePool) -> Result<(), DbError> {
     Ok(())
 }
 
+/// New batches get seqs above the rollups' mark. They would not if the two files came from
+/// different moments (a restore of a newer rollups file beside an older main file): new
+/// batches would get seqs the mark already covers, and be deleted unfolded. At start, so the
+/// next seq is past the mark.
+pub(super) async fn seqs_past_the_mark(pool: &SqlitePool) -> Result<(), DbError> {
+    let mut conn = pool.acquire().await?;
+    let (_, batches_done) = fold_progress(&mut conn).await?;
+    let next: Option<i64> =
+        sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'rollup_batches'")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let highest: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM rollup_batches")
+        .fetch_one(&mut *conn)
+        .await?;
+    if next.unwrap_or(0).max(highest) >= batches_done {
+        return Ok(());
+    }
+    tracing::warn!(
+        mark = batches_done,
+        highest,
+        "the rollups' file is ahead of the database's queue (files restored from different \
+         moments?): new batches start past its mark"
+    );
+    let sql = if next.is_some() {
+        "UPDATE sqlite_sequence SET seq = $1 WHERE name = 'rollup_batches'"
+    } else {
+        "INSERT INTO sqlite_sequence (name, seq) VALUES ('rollup_batches', $1)"
+    };
+    sqlx::query(sql)
+        .bind(batches_done)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// The fold's progress marks: the last `rollup_queue` and `rollup_batches` seqs the rollups hold.
 async fn fold_progress(conn: &mut SqliteConnection) -> Result<(i64, i64), DbError> {
     let marks: Vec<(String, i64)> = sqlx::query_as("SELECT name, seq FROM rollupdb.fold_progress")
@@ -322,6 +357,14 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
     // Deferred: the first write locks the rollups' file only.
     let mut tx = conn.begin().await?;
     write_deltas(&mut tx, &deltas, &sketches).await?;
+    // Under that lock, the marks must still be the ones this fold started from. Only another
+    // process folding the same file (which SQLite's one-collector rule forbids) moves them;
+    // then nothing of this fold is written, and its events are folded once, by that process.
+    if fold_progress(&mut tx).await? != (queue_done, batches_done) {
+        tx.rollback().await?;
+        tracing::error!("another process folded this SQLite database: one collector per file");
+        return Err(DbError::ConcurrentFold);
+    }
     for (name, last) in [("queue", queue_last), ("batches", batch_last)] {
         if let Some(last) = last {
             sqlx::query(
@@ -507,7 +550,7 @@ async fn merged_sketches(
                 .push_bind(*hash);
         });
         q.push(
-            ") SELECT t.i, r.latency_sketch, r.users_sketch FROM t JOIN rollups r \
+            ") SELECT t.i, r.latency_sketch, r.users_sketch FROM t JOIN rollupdb.rollups r \
              ON r.cube = t.cube AND r.granularity = t.granularity AND r.bucket = t.bucket \
              AND r.org = t.org AND r.key_hash = t.key_hash",
         );
@@ -543,7 +586,7 @@ async fn write_deltas(
     let rows: Vec<_> = deltas.iter().zip(sketches).collect();
     for chunk in rows.chunks(FOLD_ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, \
+            "INSERT INTO rollupdb.rollups (cube, granularity, bucket, org, key_hash, user_id, route, \
              method, status_class, decision, rule, dimension, dimension_value, calls, errors, \
              cost, request_bytes, response_bytes, latency_sketch, users_sketch) ",
         );
