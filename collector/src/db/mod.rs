@@ -523,14 +523,12 @@ impl Storage {
         match self {
             // Between folds: the folder keeps the sketches it wrote (`sqlite::fold`).
             Storage::Sqlite(pool) => {
-                sqlite::between_folds(|| async {
-                    sqlx::query(OLD_MINUTES)
-                        .bind(minute)
-                        .bind(before)
-                        .execute(pool)
-                        .await
-                })
-                .await?;
+                let _guard = sqlite::outside_folds().await;
+                sqlx::query(OLD_MINUTES)
+                    .bind(minute)
+                    .bind(before)
+                    .execute(pool)
+                    .await?;
             }
             Storage::Postgres(pg) => {
                 sqlx::query(OLD_MINUTES)

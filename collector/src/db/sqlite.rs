@@ -5,8 +5,9 @@
 //! The rollups live in a second file (`<database>.rollups`, attached to every connection as
 //! `rollupdb`), so a fold's writes and an ingest's writes take different write locks and run at
 //! the same time. No transaction writes both files (SQLite does not make that atomic across a
-//! crash): the fold writes the rollups and its progress mark together, then deletes what it
-//! folded from the queue.
+//! crash): the fold writes the rollups and its progress mark together; the next ingest
+//! transaction (or an idle fold) deletes the batches the mark covers, and until then every read
+//! of the queue skips them.
 
 use std::collections::{HashMap, HashSet};
 
@@ -86,6 +87,8 @@ pub(super) async fn attach_rollups(
 /// between them is repaired by doing both again: copy (replacing whatever an interrupted copy
 /// left), then drop the originals.
 pub(super) async fn move_rollups(pool: &SqlitePool) -> Result<(), DbError> {
+    // The fold's order: the lock, then a connection.
+    let _guard = outside_folds().await;
     let mut conn = pool.acquire().await?;
     let in_main: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM main.sqlite_master WHERE type = 'table' AND name = 'rollups'",
@@ -95,8 +98,6 @@ pub(super) async fn move_rollups(pool: &SqlitePool) -> Result<(), DbError> {
     if in_main == 0 {
         return Ok(());
     }
-    let _guard = FOLD_LOCK.lock().await;
-    forget_cached_sketches();
     let mut tx = conn.begin().await?;
     for statement in [
         "DELETE FROM rollupdb.rollups",
@@ -437,8 +438,7 @@ pub(super) async fn backfill_callers(pool: &SqlitePool) -> Result<(), DbError> {
     if pending == 0 {
         return Ok(());
     }
-    let _guard = FOLD_LOCK.lock().await;
-    forget_cached_sketches();
+    let _guard = outside_folds().await;
     // The rollups' file's write lock first (a write to it, not `BEGIN IMMEDIATE`, which would
     // lock the main file too), so the check below is not read from a stale snapshot.
     let mut tx = pool.begin().await?;
@@ -504,17 +504,13 @@ fn forget_cached_sketches() {
     *SKETCH_CACHE.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
-/// Runs a write of rollups other than a fold's: with no fold running, and the folder's cached
-/// sketches dropped after it.
-pub(super) async fn between_folds<T, F, Fut>(write: F) -> Result<T, DbError>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
-{
-    let _guard = FOLD_LOCK.lock().await;
-    let result = write().await;
+/// For a write of rollups other than a fold's (prune, backfill, the move): keeps folds out
+/// while the guard lives, and drops the folder's cached sketches, which that write may make
+/// stale (no fold can cache again before the guard is dropped).
+pub(super) async fn outside_folds() -> tokio::sync::MutexGuard<'static, ()> {
+    let guard = FOLD_LOCK.lock().await;
     forget_cached_sketches();
-    Ok(result?)
+    guard
 }
 
 /// The sketches of the deltas' rows after their deltas: the stored ones (a row not found is
