@@ -305,9 +305,23 @@ fn serve_connection(stream: TcpStream, handler: Handler, stop: Arc<AtomicBool>) 
 }
 
 impl Server {
-    fn start(port: u16, handler: Handler) -> Result<Self> {
+    /// Serves on a port the kernel picks, returned with it. The listener is kept from bind to
+    /// serve: a port found free and bound again later can be taken in between by another test's
+    /// process (CI once lost an upstream's port to a parallel workerd that way).
+    fn start_on_any_port(handler: Handler) -> Result<(u16, Self)> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
+        let port = listener.local_addr()?.port();
+        Ok((port, Self::serve(listener, handler)?))
+    }
+
+    /// Serves on `port` again (a restart on the port a client already knows).
+    fn start_on(port: u16, handler: Handler) -> Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", port))
             .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+        Self::serve(listener, handler)
+    }
+
+    fn serve(listener: TcpListener, handler: Handler) -> Result<Self> {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -363,25 +377,21 @@ pub struct Upstream {
 impl Upstream {
     /// Starts it on a free port.
     pub fn start() -> Result<Self> {
-        let port = free_port()?;
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();
-        let server = Server::start(
-            port,
-            Arc::new(move |req: &HttpRequest| {
-                if req.path != "/healthz" {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                }
-                let mut reply = Reply::new(200, "upstream ok").header("content-type", "text/plain");
-                if let Some(ms) = req.header("x-test-delay-ms").and_then(|v| v.parse().ok()) {
-                    reply.delay = Duration::from_millis(ms);
-                }
-                if let Some(tokens) = req.header("x-test-usage-tokens") {
-                    reply = reply.header("x-usage-tokens", tokens);
-                }
-                reply
-            }),
-        )?;
+        let (port, server) = Server::start_on_any_port(Arc::new(move |req: &HttpRequest| {
+            if req.path != "/healthz" {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            let mut reply = Reply::new(200, "upstream ok").header("content-type", "text/plain");
+            if let Some(ms) = req.header("x-test-delay-ms").and_then(|v| v.parse().ok()) {
+                reply.delay = Duration::from_millis(ms);
+            }
+            if let Some(tokens) = req.header("x-test-usage-tokens") {
+                reply = reply.header("x-usage-tokens", tokens);
+            }
+            reply
+        }))?;
         Ok(Self {
             port,
             hits,
@@ -423,14 +433,15 @@ pub struct FakeCollector {
 impl FakeCollector {
     /// Starts it on a free port, refusing the first `refuse_first` batches with 503.
     pub fn start(refuse_first: usize) -> Result<Self> {
-        let mut collector = Self {
-            port: free_port()?,
-            log: Arc::default(),
-            refuse: Arc::new(AtomicUsize::new(refuse_first)),
-            server: None,
-        };
-        collector.resume()?;
-        Ok(collector)
+        let log = Arc::default();
+        let refuse = Arc::new(AtomicUsize::new(refuse_first));
+        let (port, server) = Server::start_on_any_port(Self::handler(&log, &refuse))?;
+        Ok(Self {
+            port,
+            log,
+            refuse,
+            server: Some(server),
+        })
     }
 
     /// Closes its port: calls get connection refused.
@@ -442,55 +453,55 @@ impl FakeCollector {
 
     /// Listens again on the same port.
     pub fn resume(&mut self) -> Result<()> {
-        let log = self.log.clone();
-        let refuse = self.refuse.clone();
+        let handler = Self::handler(&self.log, &self.refuse);
+        // The port was just released by `go_down`; another process may hold it for a moment.
         let server = eventually(Duration::from_secs(5), || {
-            let log = log.clone();
-            let refuse = refuse.clone();
-            Server::start(
-                self.port,
-                Arc::new(move |req: &HttpRequest| {
-                    if req.path == "/healthz" {
-                        return Reply::new(200, "ok");
-                    }
-                    let body = String::from_utf8_lossy(&req.body).to_string();
-                    if refuse
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_ok()
-                    {
-                        if let Ok(mut log) = log.lock() {
-                            log.refused_batches += 1;
-                        }
-                        return Reply::new(503, "refused by the test");
-                    }
-                    let Ok(mut log) = log.lock() else {
-                        return Reply::new(500, "poisoned");
-                    };
-                    let batch: Value = match serde_json::from_str(&body) {
-                        Ok(b) => b,
-                        Err(_) => {
-                            log.malformed += 1;
-                            return Reply::new(400, "malformed");
-                        }
-                    };
-                    let events = batch["events"].as_array().cloned().unwrap_or_default();
-                    if batch["version"] != json!(1) || events.is_empty() {
-                        log.malformed += 1;
-                        return Reply::new(400, "malformed");
-                    }
-                    for event in events {
-                        let id = event["id"].as_str().unwrap_or_default().to_string();
-                        if log.events.insert(id, event).is_some() {
-                            log.duplicates += 1;
-                        }
-                    }
-                    log.accepted_batches += 1;
-                    Reply::new(200, "{}").header("content-type", "application/json")
-                }),
-            )
+            Server::start_on(self.port, handler.clone())
         })?;
         self.server = Some(server);
         Ok(())
+    }
+
+    fn handler(log: &Arc<Mutex<CollectorLog>>, refuse: &Arc<AtomicUsize>) -> Handler {
+        let (log, refuse) = (log.clone(), refuse.clone());
+        Arc::new(move |req: &HttpRequest| {
+            if req.path == "/healthz" {
+                return Reply::new(200, "ok");
+            }
+            let body = String::from_utf8_lossy(&req.body).to_string();
+            if refuse
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                if let Ok(mut log) = log.lock() {
+                    log.refused_batches += 1;
+                }
+                return Reply::new(503, "refused by the test");
+            }
+            let Ok(mut log) = log.lock() else {
+                return Reply::new(500, "poisoned");
+            };
+            let batch: Value = match serde_json::from_str(&body) {
+                Ok(b) => b,
+                Err(_) => {
+                    log.malformed += 1;
+                    return Reply::new(400, "malformed");
+                }
+            };
+            let events = batch["events"].as_array().cloned().unwrap_or_default();
+            if batch["version"] != json!(1) || events.is_empty() {
+                log.malformed += 1;
+                return Reply::new(400, "malformed");
+            }
+            for event in events {
+                let id = event["id"].as_str().unwrap_or_default().to_string();
+                if log.events.insert(id, event).is_some() {
+                    log.duplicates += 1;
+                }
+            }
+            log.accepted_batches += 1;
+            Reply::new(200, "{}").header("content-type", "application/json")
+        })
     }
 
     /// Runs `f` on what it has seen.
@@ -520,26 +531,22 @@ pub struct PolicyServer {
 impl PolicyServer {
     /// Starts it serving `body`.
     pub fn start(body: &str) -> Result<Self> {
-        let port = free_port()?;
         let state = Arc::new(Mutex::new((body.to_string(), 1)));
         let fetches = Arc::new(AtomicUsize::new(0));
         let (s, f) = (state.clone(), fetches.clone());
-        let server = Server::start(
-            port,
-            Arc::new(move |req: &HttpRequest| {
-                f.fetch_add(1, Ordering::SeqCst);
-                let Ok(state) = s.lock() else {
-                    return Reply::new(500, "poisoned");
-                };
-                let etag = format!("\"v{}\"", state.1);
-                if req.header("if-none-match") == Some(etag.as_str()) {
-                    return Reply::new(304, "").header("etag", &etag);
-                }
-                Reply::new(200, state.0.clone())
-                    .header("etag", &etag)
-                    .header("content-type", "application/json")
-            }),
-        )?;
+        let (port, server) = Server::start_on_any_port(Arc::new(move |req: &HttpRequest| {
+            f.fetch_add(1, Ordering::SeqCst);
+            let Ok(state) = s.lock() else {
+                return Reply::new(500, "poisoned");
+            };
+            let etag = format!("\"v{}\"", state.1);
+            if req.header("if-none-match") == Some(etag.as_str()) {
+                return Reply::new(304, "").header("etag", &etag);
+            }
+            Reply::new(200, state.0.clone())
+                .header("etag", &etag)
+                .header("content-type", "application/json")
+        }))?;
         Ok(Self {
             port,
             state,
