@@ -9,7 +9,12 @@
 //!    latency measured from the batch's scheduled send time, so a slow server cannot hide its
 //!    queueing (no coordinated omission). A probe posts one event of its own org every 100 ms and
 //!    polls `/v1/usage` until the rollups show it: visibility latency.
-//! 4. **raw COPY** (PostgreSQL): the same kind of rows COPYed straight into the same `events`
+//! 4. **fold alone**: with the service stopped, `FOLD_ROUNDS` times: `FOLD_EVENTS` events
+//!    written straight through the storage (no folder running), then one timed fold of them all
+//!    into the rollups — the fold's own cost, which under load sets how soon an event shows in
+//!    the rollups, without the load's noise. `TOLLGATE_BENCH_FOLD_ONLY=1` runs this phase alone
+//!    (and the raw COPY), for comparing two builds' folds quickly.
+//! 5. **raw COPY** (PostgreSQL): the same kind of rows COPYed straight into the same `events`
 //!    table (its unique index and partitions), 10,000 rows per transaction — the ceiling the
 //!    ingest path is measured against.
 //!
@@ -42,6 +47,8 @@ const OFFERED_EPS: u64 = 100_000;
 const OPEN_SECS: u64 = 8;
 const MAX_IN_FLIGHT: usize = 256;
 const COPY_ROWS: usize = 400_000;
+const FOLD_EVENTS: usize = 50_000;
+const FOLD_ROUNDS: usize = 5;
 
 /// Events shaped like edge traffic: 8 orgs × 16 users, 8 routes, mostly GET, 200 and allowed.
 fn events(ids: &mut EventIdGenerator, rng: &mut Rng, n: usize) -> Vec<UsageEvent> {
@@ -227,6 +234,7 @@ async fn closed_loop(server: &Server, bodies: &[Arc<String>], secs: u64) -> (f64
     )
 }
 
+#[derive(Default)]
 struct OpenLoop {
     sustained: f64,
     p50: Duration,
@@ -377,9 +385,52 @@ struct EngineResult {
     fresh: f64,
     duplicate: f64,
     open: OpenLoop,
+    /// Each round's fold of `FOLD_EVENTS` queued events.
+    folds: Vec<Duration>,
+}
+
+/// The "fold alone" phase: each round queues `FOLD_EVENTS` events (the storage's own write, no
+/// folder running) and times one fold of them. The rounds' events share this minute's rows, as
+/// folds under steady load do.
+async fn fold_alone(name: &str, url: &str) -> Vec<Duration> {
+    let storage = Storage::connect(url, 4).await.expect("connect");
+    let mut ids = EventIdGenerator::new(3);
+    let mut rng = Rng(3);
+    let mut folds = Vec::with_capacity(FOLD_ROUNDS);
+    for _ in 0..FOLD_ROUNDS {
+        for _ in 0..FOLD_EVENTS / BATCH {
+            let batch = events(&mut ids, &mut rng, BATCH);
+            storage
+                .write_events(&batch, Utc::now(), &[])
+                .await
+                .expect("write");
+        }
+        let started = Instant::now();
+        let folded = storage
+            .fold(tollgate_collector::rollup_worker::MAX_FOLD)
+            .await
+            .expect("fold");
+        folds.push(started.elapsed());
+        assert_eq!(folded, FOLD_EVENTS, "one fold takes the whole backlog");
+    }
+    eprintln!(
+        "[{name}] fold alone, {FOLD_EVENTS} events per fold: {}",
+        folds.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ")
+    );
+    folds
 }
 
 async fn run_engine(name: &str, url: &str) -> EngineResult {
+    if std::env::var_os("TOLLGATE_BENCH_FOLD_ONLY").is_some() {
+        let storage = Storage::connect(url, 4).await.expect("connect");
+        storage.migrate().await.expect("migrate");
+        return EngineResult {
+            fresh: f64::NAN,
+            duplicate: f64::NAN,
+            open: OpenLoop::default(),
+            folds: fold_alone(name, url).await,
+        };
+    }
     let server = start_server(url).await;
     eprintln!("[{name}] generating {CLOSED_BATCHES} batches of {BATCH}");
     let fresh_bodies = bodies(1, CLOSED_BATCHES);
@@ -411,10 +462,14 @@ async fn run_engine(name: &str, url: &str) -> EngineResult {
         ms(took)
     );
     server.task.abort();
+    // The service's folder stops once its last committer has; nothing is queued by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let folds = fold_alone(name, url).await;
     EngineResult {
         fresh,
         duplicate,
         open,
+        folds,
     }
 }
 
@@ -535,6 +590,15 @@ fn main() {
         row("  probes acked / shown in rollups", probes(&sqlite.open), probes(&postgres.open));
         row("  visible in rollups p50", visible(&sqlite.open.visible, 0.5), visible(&postgres.open.visible, 0.5));
         row("  visible in rollups p99", visible(&sqlite.open.visible, 0.99), visible(&postgres.open.visible, 0.99));
+        let fold = |r: &EngineResult| {
+            let mut sorted = r.folds.clone();
+            sorted.sort();
+            let median = percentile(&sorted, 0.5);
+            (ms(median), format!("{:.0}", FOLD_EVENTS as f64 / median.as_secs_f64()))
+        };
+        let (sqlite_fold, postgres_fold) = (fold(&sqlite), fold(&postgres));
+        row(&format!("fold alone, {FOLD_EVENTS} events (median of {FOLD_ROUNDS})"), sqlite_fold.0, postgres_fold.0);
+        row("  folded (events/s)", sqlite_fold.1, postgres_fold.1);
         row("raw COPY into events, 10k rows/txn (rows/s)", "-".into(), format!("{copy:.0}"));
     });
 }

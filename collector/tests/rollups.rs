@@ -591,6 +591,98 @@ async fn postgres_an_event_stored_meanwhile_by_another_transaction_is_a_duplicat
     );
 }
 
+/// PostgreSQL's fold locks and reads the rows that exist, then inserts the missing ones. A row
+/// another folder (another replica) inserts in between is not inserted twice nor skipped: the
+/// insert leaves it alone and the fold adds to it. Forced here: the other transaction holds the
+/// row uncommitted while the fold reads, and commits once the fold's insert waits on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_rollup_row_inserted_meanwhile_by_another_folder_is_added_to() {
+    use tollgate_collector::rollup::{aggregate, Cube, Sample};
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let storage = db.storage().await;
+    let Storage::Postgres(pg) = &storage else {
+        unreachable!("a PostgreSQL database")
+    };
+    let mut fx = Fixture::new(11);
+    let events = fx.events("acme", 4);
+    storage
+        .write_events(&events, Utc::now(), &[])
+        .await
+        .unwrap();
+    let samples: Vec<Sample> = events.iter().map(|e| Sample::of(e, &[])).collect();
+    let deltas = aggregate(&samples);
+    let (key, hash, delta) = deltas
+        .iter()
+        .find(|(k, _, _)| k.cube == Cube::Org && k.granularity == Granularity::Day)
+        .expect("an org row of the day");
+    let mut other = pg.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
+         status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
+         latency_sketch, cube, dimension, dimension_value, users_sketch) \
+         VALUES ($1, $2, $3, $4, '', '', '', $5, $6, '', 100, 0, 100, 0, 0, NULL, $7, '', '', NULL)",
+    )
+    .bind(&key.org)
+    .bind(hash)
+    .bind(key.granularity.code())
+    .bind(key.bucket)
+    .bind(key.status_class)
+    .bind(&key.decision)
+    .bind(key.cube.code())
+    .execute(&mut *other)
+    .await
+    .unwrap();
+
+    let fold = {
+        let storage = storage.clone();
+        tokio::spawn(async move { storage.fold(1_000).await })
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 10, "the fold never waited");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    other.commit().await.unwrap();
+    assert_eq!(fold.await.unwrap().unwrap(), 4);
+
+    let (calls, sketched): (i64, bool) = sqlx::query_as(
+        "SELECT calls, latency_sketch IS NOT NULL FROM rollups WHERE org = $1 AND key_hash = $2",
+    )
+    .bind(&key.org)
+    .bind(hash)
+    .fetch_one(&pg.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        calls,
+        100 + delta.calls,
+        "the other folder's 100 calls and this fold's"
+    );
+    assert!(sketched, "the fold's latencies are merged into the row");
+    // Every other row of the fold is there once, with the fold's own numbers.
+    let (rows, total): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), CAST(sum(calls) AS BIGINT) FROM rollups WHERE org = 'acme'",
+    )
+    .fetch_one(&pg.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, deltas.len() as i64);
+    assert_eq!(
+        total,
+        100 + deltas.iter().map(|(_, _, d)| d.calls).sum::<i64>()
+    );
+}
+
 /// Events an older collector queued one row each (`rollup_queue`, before migration 0007) are
 /// folded with the newer batches, each once.
 async fn events_queued_by_an_older_collector_are_folded(backend: Backend) {

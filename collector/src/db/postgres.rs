@@ -5,7 +5,7 @@
 //! merges and writes them, and deletes the claimed events, again in one transaction; several
 //! collector replicas can do all of this against one server.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -408,38 +408,98 @@ impl PgStore {
     }
 }
 
+/// A stored sketch.
+type Sketch = Option<Vec<u8>>;
+
 /// Adds fold deltas to their rollup rows, creating the missing ones; `deltas` are in (org,
-/// hash) order, so concurrent folders lock rows in the same order.
+/// hash) order, so concurrent folders lock and insert rows in the same order.
 ///
-/// New rows are inserted whole in one statement (their sketch is the delta's own); only rows
-/// that already existed are then locked, read for their sketch, merged and updated. Most rows
-/// a fold touches — every minute row — are new, so most get one write instead of three.
+/// The rows that exist are locked and read for their sketches first; then only the missing
+/// rows are inserted, whole (their sketch is the delta's own), and the existing ones merged and
+/// updated. Nearly every row a fold touches exists already: folds come every second or so and
+/// revisit this minute's, hour's, day's and week's rows. Inserting every row first (the order
+/// until 2026-11-24) paid a conflict check, a shipped copy of the row and an encoded sketch for
+/// each of them, to learn what one read tells. A row another replica inserts between the read
+/// and the insert is skipped by the insert (`ON CONFLICT DO NOTHING`), then read, locked and
+/// updated like the others.
 async fn upsert_deltas(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     deltas: &[(rollup::RollupKey, i64, rollup::Delta)],
 ) -> Result<(), DbError> {
-    let column = |f: &dyn Fn(&(rollup::RollupKey, i64, rollup::Delta)) -> i64| -> Vec<i64> {
-        deltas.iter().map(f).collect()
+    let index: HashMap<(&str, i64), usize> = deltas
+        .iter()
+        .enumerate()
+        .map(|(i, (k, h, _))| ((k.org.as_str(), *h), i))
+        .collect();
+    let all: Vec<usize> = (0..deltas.len()).collect();
+    let mut stored = lock_stored(tx, deltas, &index, &all).await?;
+    let missing: Vec<usize> = all
+        .iter()
+        .copied()
+        .filter(|i| !stored.contains_key(i))
+        .collect();
+    if !missing.is_empty() {
+        let inserted = insert_new_rows(tx, deltas, &index, &missing).await?;
+        let raced: Vec<usize> = missing
+            .into_iter()
+            .filter(|i| !inserted.contains(i))
+            .collect();
+        if !raced.is_empty() {
+            stored.extend(lock_stored(tx, deltas, &index, &raced).await?);
+        }
+    }
+    let mut existing: Vec<usize> = stored.keys().copied().collect();
+    existing.sort_unstable();
+    update_rows(tx, deltas, &existing, &stored).await
+}
+
+/// Locks the stored rows of `deltas[which]`, in (org, key_hash) order, and reads their
+/// sketches, by delta index; rows not stored yet are absent.
+async fn lock_stored(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    deltas: &[(rollup::RollupKey, i64, rollup::Delta)],
+    index: &HashMap<(&str, i64), usize>,
+    which: &[usize],
+) -> Result<HashMap<usize, rollup::Sketches>, DbError> {
+    let orgs: Vec<&str> = which.iter().map(|&i| deltas[i].0.org.as_str()).collect();
+    let hashes: Vec<i64> = which.iter().map(|&i| deltas[i].1).collect();
+    let rows: Vec<(String, i64, Sketch, Sketch)> = sqlx::query_as(
+        "SELECT r.org, r.key_hash, r.latency_sketch, r.users_sketch FROM rollups r \
+         JOIN UNNEST($1::text[], $2::int8[]) AS t(org, h) \
+         ON r.org = t.org AND r.key_hash = t.h \
+         ORDER BY r.org, r.key_hash FOR UPDATE OF r",
+    )
+    .bind(&orgs)
+    .bind(&hashes)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(org, hash, latency, users)| {
+            Some((*index.get(&(org.as_str(), hash))?, (latency, users)))
+        })
+        .collect())
+}
+
+/// Inserts the rows of `deltas[which]` whole, leaving alone any a racing replica inserted
+/// meanwhile; returns the indices of the rows this call inserted.
+async fn insert_new_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    deltas: &[(rollup::RollupKey, i64, rollup::Delta)],
+    index: &HashMap<(&str, i64), usize>,
+    which: &[usize],
+) -> Result<HashSet<usize>, DbError> {
+    let rows: Vec<&(rollup::RollupKey, i64, rollup::Delta)> =
+        which.iter().map(|&i| &deltas[i]).collect();
+    let int = |f: &dyn Fn(&(rollup::RollupKey, i64, rollup::Delta)) -> i64| -> Vec<i64> {
+        rows.iter().map(|d| f(d)).collect()
+    };
+    let small = |f: &dyn Fn(&rollup::RollupKey) -> i16| -> Vec<i16> {
+        rows.iter().map(|d| f(&d.0)).collect()
     };
     let text = |f: &dyn Fn(&rollup::RollupKey) -> &str| -> Vec<String> {
-        deltas.iter().map(|d| f(&d.0).to_owned()).collect()
+        rows.iter().map(|d| f(&d.0).to_owned()).collect()
     };
-    let orgs = text(&|k| &k.org);
-    let hashes = column(&|d| d.1);
-    let own_sketches: Vec<Option<Vec<u8>>> = deltas
-        .iter()
-        .map(|(k, _, v)| k.cube.keeps_sketch().then(|| v.sketch_onto(None)))
-        .collect();
-    let own_users: Vec<Option<Vec<u8>>> = deltas
-        .iter()
-        .map(|(k, _, v)| k.cube.keeps_users().then(|| v.users_onto(None)))
-        .collect();
-    let calls = column(&|d| d.2.calls);
-    let errors = column(&|d| d.2.errors);
-    let cost = column(&|d| d.2.cost);
-    let request_bytes = column(&|d| d.2.request_bytes);
-    let response_bytes = column(&|d| d.2.response_bytes);
-    // 1. Insert the rows that do not exist yet, whole; racing replicas' rows are left alone.
     let inserted: Vec<(String, i64)> = sqlx::query_as(
         "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
          status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
@@ -450,66 +510,62 @@ async fn upsert_deltas(
          $19::text[], $20::bytea[]) \
          ON CONFLICT (org, key_hash) DO NOTHING RETURNING org, key_hash",
     )
-    .bind(&orgs)
-    .bind(&hashes)
-    .bind(
-        deltas
-            .iter()
-            .map(|d| d.0.granularity.code())
-            .collect::<Vec<_>>(),
-    )
-    .bind(column(&|d| d.0.bucket))
+    .bind(text(&|k| &k.org))
+    .bind(int(&|d| d.1))
+    .bind(small(&|k| k.granularity.code()))
+    .bind(int(&|d| d.0.bucket))
     .bind(text(&|k| &k.user))
     .bind(text(&|k| &k.route))
     .bind(text(&|k| &k.method))
-    .bind(deltas.iter().map(|d| d.0.status_class).collect::<Vec<_>>())
+    .bind(small(&|k| k.status_class))
     .bind(text(&|k| &k.decision))
     .bind(text(&|k| &k.rule))
-    .bind(&calls)
-    .bind(&errors)
-    .bind(&cost)
-    .bind(&request_bytes)
-    .bind(&response_bytes)
-    .bind(&own_sketches)
-    .bind(deltas.iter().map(|d| d.0.cube.code()).collect::<Vec<_>>())
+    .bind(int(&|d| d.2.calls))
+    .bind(int(&|d| d.2.errors))
+    .bind(int(&|d| d.2.cost))
+    .bind(int(&|d| d.2.request_bytes))
+    .bind(int(&|d| d.2.response_bytes))
+    .bind(
+        rows.iter()
+            .map(|(k, _, v)| k.cube.keeps_sketch().then(|| v.sketch_onto(None)))
+            .collect::<Vec<_>>(),
+    )
+    .bind(small(&|k| k.cube.code()))
     .bind(text(&|k| &k.dimension))
     .bind(text(&|k| &k.dimension_value))
-    .bind(&own_users)
+    .bind(
+        rows.iter()
+            .map(|(k, _, v)| k.cube.keeps_users().then(|| v.users_onto(None)))
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(&mut **tx)
     .await?;
-    let inserted: HashSet<(String, i64)> = inserted.into_iter().collect();
-    let existing: Vec<usize> = (0..deltas.len())
-        .filter(|&i| !inserted.contains(&(orgs[i].clone(), hashes[i])))
-        .collect();
-    if existing.is_empty() {
+    Ok(inserted
+        .iter()
+        .filter_map(|(org, hash)| index.get(&(org.as_str(), *hash)).copied())
+        .collect())
+}
+
+/// Adds the deltas of the locked rows `which` to them, with their sketches merged into
+/// `stored`'s.
+async fn update_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    deltas: &[(rollup::RollupKey, i64, rollup::Delta)],
+    which: &[usize],
+    stored: &HashMap<usize, rollup::Sketches>,
+) -> Result<(), DbError> {
+    if which.is_empty() {
         return Ok(());
     }
-    let pick = |v: &[i64]| -> Vec<i64> { existing.iter().map(|&i| v[i]).collect() };
-    let ex_orgs: Vec<&str> = existing.iter().map(|&i| orgs[i].as_str()).collect();
-    let ex_hashes = pick(&hashes);
-    // 2. Lock the existing rows in (org, key_hash) order and read their sketches.
-    type Sketch = Option<Vec<u8>>;
-    let stored: Vec<(String, i64, Sketch, Sketch)> = sqlx::query_as(
-        "SELECT r.org, r.key_hash, r.latency_sketch, r.users_sketch FROM rollups r \
-         JOIN UNNEST($1::text[], $2::int8[]) AS t(org, h) \
-         ON r.org = t.org AND r.key_hash = t.h \
-         ORDER BY r.org, r.key_hash FOR UPDATE OF r",
-    )
-    .bind(&ex_orgs)
-    .bind(&ex_hashes)
-    .fetch_all(&mut **tx)
-    .await?;
-    let stored: std::collections::HashMap<(String, i64), rollup::Sketches> = stored
-        .into_iter()
-        .map(|(o, h, l, u)| ((o, h), (l, u)))
-        .collect();
-    // 3. Merge and write back.
-    let (sketches, users): (Vec<Sketch>, Vec<Sketch>) = existing
+    let int = |f: &dyn Fn(&rollup::Delta) -> i64| -> Vec<i64> {
+        which.iter().map(|&i| f(&deltas[i].2)).collect()
+    };
+    let (sketches, users): (Vec<Sketch>, Vec<Sketch>) = which
         .iter()
         .map(|&i| {
-            let (k, h, v) = &deltas[i];
+            let (k, _, v) = &deltas[i];
             let (latency, users) = stored
-                .get(&(k.org.clone(), *h))
+                .get(&i)
                 .map_or((None, None), |(l, u)| (l.as_deref(), u.as_deref()));
             (
                 k.cube.keeps_sketch().then(|| v.sketch_onto(latency)),
@@ -528,13 +584,18 @@ async fn upsert_deltas(
          AS t(org, h, calls, errors, cost, rq, rs, sk, us) \
          WHERE r.org = t.org AND r.key_hash = t.h",
     )
-    .bind(&ex_orgs)
-    .bind(&ex_hashes)
-    .bind(pick(&calls))
-    .bind(pick(&errors))
-    .bind(pick(&cost))
-    .bind(pick(&request_bytes))
-    .bind(pick(&response_bytes))
+    .bind(
+        which
+            .iter()
+            .map(|&i| deltas[i].0.org.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(which.iter().map(|&i| deltas[i].1).collect::<Vec<_>>())
+    .bind(int(&|d| d.calls))
+    .bind(int(&|d| d.errors))
+    .bind(int(&|d| d.cost))
+    .bind(int(&|d| d.request_bytes))
+    .bind(int(&|d| d.response_bytes))
     .bind(&sketches)
     .bind(&users)
     .execute(&mut **tx)
