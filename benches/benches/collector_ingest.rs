@@ -386,13 +386,13 @@ struct EngineResult {
     duplicate: f64,
     open: OpenLoop,
     /// Each round's fold of `FOLD_EVENTS` queued events.
-    folds: Vec<Duration>,
+    folds: Vec<Fold>,
 }
 
 /// The "fold alone" phase: each round queues `FOLD_EVENTS` events (the storage's own write, no
 /// folder running) and times one fold of them. The rounds' events share this minute's rows, as
 /// folds under steady load do.
-async fn fold_alone(name: &str, url: &str) -> Vec<Duration> {
+async fn fold_alone(name: &str, url: &str) -> Vec<Fold> {
     let storage = Storage::connect(url, 4).await.expect("connect");
     let mut ids = EventIdGenerator::new(3);
     let mut rng = Rng(3);
@@ -405,19 +405,48 @@ async fn fold_alone(name: &str, url: &str) -> Vec<Duration> {
                 .await
                 .expect("write");
         }
-        let started = Instant::now();
+        let (started, cpu_before) = (Instant::now(), process_cpu());
         let folded = storage
             .fold(tollgate_collector::rollup_worker::MAX_FOLD)
             .await
             .expect("fold");
-        folds.push(started.elapsed());
+        folds.push(Fold {
+            wall: started.elapsed(),
+            cpu: process_cpu().saturating_sub(cpu_before),
+        });
         assert_eq!(folded, FOLD_EVENTS, "one fold takes the whole backlog");
     }
     eprintln!(
-        "[{name}] fold alone, {FOLD_EVENTS} events per fold: {}",
-        folds.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ")
+        "[{name}] fold alone, {FOLD_EVENTS} events per fold, wall (this process's CPU): {}",
+        folds
+            .iter()
+            .map(|f| format!("{} ({})", ms(f.wall), ms(f.cpu)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     folds
+}
+
+/// One timed fold of the "fold alone" phase.
+#[derive(Clone, Copy)]
+struct Fold {
+    wall: Duration,
+    /// CPU time of this process's threads meanwhile: all of a SQLite fold's, the collector's
+    /// side of a PostgreSQL one. Less moved by other load on a shared machine than `wall`.
+    cpu: Duration,
+}
+
+/// CPU time of this process's threads so far (their `schedstat`s, nanoseconds).
+fn process_cpu() -> Duration {
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten();
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
 }
 
 async fn run_engine(name: &str, url: &str) -> EngineResult {
@@ -591,14 +620,18 @@ fn main() {
         row("  visible in rollups p50", visible(&sqlite.open.visible, 0.5), visible(&postgres.open.visible, 0.5));
         row("  visible in rollups p99", visible(&sqlite.open.visible, 0.99), visible(&postgres.open.visible, 0.99));
         let fold = |r: &EngineResult| {
-            let mut sorted = r.folds.clone();
-            sorted.sort();
-            let median = percentile(&sorted, 0.5);
-            (ms(median), format!("{:.0}", FOLD_EVENTS as f64 / median.as_secs_f64()))
+            let median = |f: fn(&Fold) -> Duration| {
+                let mut sorted: Vec<Duration> = r.folds.iter().map(f).collect();
+                sorted.sort();
+                percentile(&sorted, 0.5)
+            };
+            let (wall, cpu) = (median(|f| f.wall), median(|f| f.cpu));
+            (ms(wall), format!("{:.0}", FOLD_EVENTS as f64 / wall.as_secs_f64()), ms(cpu))
         };
         let (sqlite_fold, postgres_fold) = (fold(&sqlite), fold(&postgres));
         row(&format!("fold alone, {FOLD_EVENTS} events (median of {FOLD_ROUNDS})"), sqlite_fold.0, postgres_fold.0);
         row("  folded (events/s)", sqlite_fold.1, postgres_fold.1);
+        row("  CPU of this process per fold", sqlite_fold.2, postgres_fold.2);
         row("raw COPY into events, 10k rows/txn (rows/s)", "-".into(), format!("{copy:.0}"));
     });
 }
