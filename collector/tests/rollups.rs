@@ -525,6 +525,26 @@ async fn callers_are_backfilled_for_rows_folded_before_them(backend: Backend) {
     assert_eq!(left, 0);
 }
 
+/// Returns once a session of the test database waits on a lock (bounded: 10 s, then fails
+/// naming `who` never waited).
+async fn wait_for_a_lock_wait(pool: &sqlx::PgPool, who: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(started.elapsed().as_secs() < 10, "{who} never waited");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// PostgreSQL's fast path COPYs events it has just checked are new; an id that another
 /// transaction stores in between makes COPY fail, and the group goes again through the path that
 /// skips stored ids. Forced here: the other transaction holds the id uncommitted while the write
@@ -563,21 +583,7 @@ async fn postgres_an_event_stored_meanwhile_by_another_transaction_is_a_duplicat
         tokio::spawn(async move { storage.write_events(&events, Utc::now(), &[]).await })
     };
     // Commit only once the write is blocked on the other transaction's index entry.
-    let started = std::time::Instant::now();
-    loop {
-        let (waiting,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND datname = current_database()",
-        )
-        .fetch_one(&pg.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(started.elapsed().as_secs() < 10, "the write never waited");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_for_a_lock_wait(&pg.pool, "the write").await;
     other.commit().await.unwrap();
 
     let stored = write.await.unwrap().unwrap();
@@ -637,21 +643,7 @@ async fn postgres_a_rollup_row_inserted_meanwhile_by_another_folder_is_added_to(
         let storage = storage.clone();
         tokio::spawn(async move { storage.fold(1_000).await })
     };
-    let started = std::time::Instant::now();
-    loop {
-        let (waiting,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND datname = current_database()",
-        )
-        .fetch_one(&pg.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(started.elapsed().as_secs() < 10, "the fold never waited");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_for_a_lock_wait(&pg.pool, "the fold").await;
     other.commit().await.unwrap();
     assert_eq!(fold.await.unwrap().unwrap(), 4);
 
