@@ -15,6 +15,7 @@ use tollgate_core::event::{
     request_fingerprint, to_datetime, EdgeKind, EventIdGenerator, UsageEvent, NO_ORG,
 };
 use tollgate_core::gate::{split_query, GateAction, HttpRequest};
+use tollgate_core::policy::document::IdentitySource;
 use tollgate_core::policy::Claims;
 use tollgate_core::{Identity, Timestamp, Verdict};
 
@@ -89,10 +90,19 @@ impl Request {
             // The request's start time is the decision's clock: one host call, not two.
             .map_or_else(|| host::timestamp(self.started), Timestamp::from_millis);
 
-        let client_ip = host::property_string(&["source", "address"]).map(|a| strip_port(&a));
+        // Each read is a host call: only for the sources the policy tries.
+        let policy = &self.rt.policy;
+        let client_ip = policy
+            .tries(IdentitySource::ClientIp)
+            .then(|| host::property_string(&["source", "address"]))
+            .flatten()
+            .map(|a| strip_port(&a));
         let (sub, org, plan) = {
             let c = &self.rt.settings.claims;
-            let sub = self.claims_value(&c.sub);
+            let sub = policy
+                .tries(IdentitySource::Jwt)
+                .then(|| self.claims_value(&c.sub))
+                .flatten();
             // Claims are read only when a verified subject is there.
             match sub {
                 Some(sub) => (

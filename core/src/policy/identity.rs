@@ -74,9 +74,15 @@ pub fn api_key_from_header<'v>(name: &str, value: &'v str) -> Option<&'v str> {
 }
 
 impl Policy {
+    /// Whether the policy tries `source` to identify callers: an edge reads nothing (no
+    /// header, no property: each is a host call) for a source it does not try.
+    pub fn tries(&self, source: IdentitySource) -> bool {
+        self.identity.sources.contains(&source)
+    }
+
     /// Whether an API key can identify anyone: the policy lists keys and tries that source.
     pub fn identifies_by_api_key(&self) -> bool {
-        !self.keys.is_empty() && self.identity.sources.contains(&IdentitySource::ApiKey)
+        !self.keys.is_empty() && self.tries(IdentitySource::ApiKey)
     }
 
     /// Resolves the caller from `credentials`, trying the configured sources in order.
