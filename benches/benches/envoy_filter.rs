@@ -41,6 +41,13 @@
 //! or `cargo bench -p tollgate-benches --bench envoy_filter` with `TOLLGATE_ENVOY`,
 //! `TOLLGATE_FILTER_WASM` and `TOLLGATE_PASSTHROUGH_WASM` set. `TOLLGATE_BENCH_QUICK=1` shortens
 //! every run (a smoke test; its numbers mean little). Needs `wrk` (`apt-get install wrk`).
+//!
+//! **A/B of two builds of the filter**: with `TOLLGATE_BENCH_COMPARE_WASM=<other.wasm>` the
+//! bench instead starts `none`, the filter and the other build (three Envoys, kept up), and runs
+//! them in turn at 100,000 keys for `TOLLGATE_BENCH_ROUNDS` rounds (default 10), printing each
+//! one's Envoy CPU per request and the median of what each build adds over `none` in its
+//! round. Short alternating runs are what make a few-µs difference visible on a noisy machine:
+//! a slow minute of the VM then shifts all three, not one.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -62,6 +69,12 @@ use tollgate_e2e::{
 const PASSTHROUGH_WASM_VAR: &str = "TOLLGATE_PASSTHROUGH_WASM";
 /// Set to shorten every run.
 const QUICK_VAR: &str = "TOLLGATE_BENCH_QUICK";
+/// Another build of the filter to compare with (A/B mode).
+const COMPARE_WASM_VAR: &str = "TOLLGATE_BENCH_COMPARE_WASM";
+/// Rounds of the A/B mode.
+const ROUNDS_VAR: &str = "TOLLGATE_BENCH_ROUNDS";
+/// Keys of the A/B mode's runs.
+const COMPARE_KEYS: u64 = 100_000;
 /// Connections of the saturation runs.
 const SAT_CONNECTIONS: u32 = 32;
 /// Connections of the latency runs: a moderate, fixed load.
@@ -116,6 +129,8 @@ enum Variant {
     LocalRatelimit,
     WasmNoop,
     Tollgate,
+    /// The A/B mode's other build of the filter.
+    TollgateB,
 }
 
 impl Variant {
@@ -125,6 +140,7 @@ impl Variant {
             Self::LocalRatelimit => "local_ratelimit",
             Self::WasmNoop => "wasm no-op",
             Self::Tollgate => "tollgate 4 tiers",
+            Self::TollgateB => "tollgate B",
         }
     }
 }
@@ -154,6 +170,9 @@ fn main() -> Result<()> {
     let durations = Durations::from_env();
     let tools = Tools::find()?;
     let upstream = tollgate_e2e::Upstream::start()?;
+    if tools.compare_wasm.is_some() {
+        return compare(&tools, &upstream, durations);
+    }
     let mut cells = Vec::new();
     for variant in [
         Variant::None,
@@ -232,6 +251,86 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The A/B mode: `none`, the filter and the other build, each in its own Envoy started once,
+/// then one saturation run each per round, in turn; prints Envoy's CPU per request and what
+/// each build adds over `none`.
+fn compare(tools: &Tools, upstream: &tollgate_e2e::Upstream, durations: Durations) -> Result<()> {
+    let rounds: usize = match std::env::var(ROUNDS_VAR) {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{ROUNDS_VAR}={v:?} is not a number of rounds"))?,
+        Err(_) => 10,
+    };
+    let variants = [Variant::None, Variant::Tollgate, Variant::TollgateB];
+    // All three stay up: an idle Envoy costs nothing measurable, and short alternating runs of
+    // long-lived processes put many more pairs in the same minutes than restarts would.
+    let mut running = Vec::new();
+    for variant in variants {
+        let collector = FakeCollector::start(CollectorMode::Accepting)?;
+        let envoy = BenchEnvoy::start(tools, variant, upstream.port, collector.port)?;
+        let wrk = Wrk::new(tools, &envoy)?;
+        wrk.run(COMPARE_KEYS, SAT_CONNECTIONS, durations.warmup)?;
+        running.push((collector, envoy, wrk));
+    }
+    // cpu µs per request, by round then variant.
+    let mut cpu = vec![[0.0f64; 3]; rounds];
+    for (round, row) in cpu.iter_mut().enumerate() {
+        for (i, (_, envoy, wrk)) in running.iter().enumerate() {
+            let before = envoy.cpu_ticks()?;
+            let sat = wrk.run(COMPARE_KEYS, SAT_CONNECTIONS, durations.latency)?;
+            let ticks = envoy.cpu_ticks()? - before;
+            row[i] = ticks_to_us(ticks, tools.clock_ticks) / sat.requests_f64();
+            eprintln!(
+                "envoy_filter: round {} {}: {:.0} req/s, {:.1} cpu µs/req",
+                round + 1,
+                variants[i].name(),
+                sat.throughput(),
+                row[i]
+            );
+        }
+    }
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let b = tools.compare_wasm.as_deref().unwrap_or(Path::new(""));
+    println!(
+        "\nenvoy_filter A/B at {COMPARE_KEYS} keys, Envoy CPU µs per request (+ over none)\n\
+         A = {} ({} B)\nB = {} ({} B)",
+        tools.filter_wasm.display(),
+        size(&tools.filter_wasm),
+        b.display(),
+        size(b)
+    );
+    println!("{:>5} {:>8} {:>16} {:>16}", "round", "none", "A", "B");
+    let (mut added_a, mut added_b, mut b_minus_a) = (Vec::new(), Vec::new(), Vec::new());
+    for (round, row) in cpu.iter().enumerate() {
+        let (a, b) = (row[1] - row[0], row[2] - row[0]);
+        added_a.push(a);
+        added_b.push(b);
+        b_minus_a.push(row[2] - row[1]);
+        println!(
+            "{:>5} {:>8.1} {:>7.1} ({a:>+6.1}) {:>7.1} ({b:>+6.1})",
+            round + 1,
+            row[0],
+            row[1],
+            row[2]
+        );
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let cheaper = b_minus_a.iter().filter(|d| **d < 0.0).count();
+    let (a, b, d) = (
+        median(&mut added_a),
+        median(&mut added_b),
+        median(&mut b_minus_a),
+    );
+    println!(
+        "median added: A {a:+.1} µs, B {b:+.1} µs; median of the rounds' B − A {d:+.1} µs \
+         (B cheaper in {cheaper} of {rounds} rounds)"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Programs
 
@@ -239,6 +338,8 @@ struct Tools {
     envoy: PathBuf,
     filter_wasm: PathBuf,
     passthrough_wasm: PathBuf,
+    /// The A/B mode's other build of the filter.
+    compare_wasm: Option<PathBuf>,
     wrk: PathBuf,
     /// `taskset` and two CPUs: Envoy on CPU 0, wrk on CPU 1.
     pin: bool,
@@ -260,6 +361,10 @@ impl Tools {
                 passthrough_wasm.display()
             );
         }
+        let compare_wasm = std::env::var_os(COMPARE_WASM_VAR).map(PathBuf::from);
+        if let Some(path) = compare_wasm.as_ref().filter(|p| !p.is_file()) {
+            bail!("{COMPARE_WASM_VAR}={} is not a file", path.display());
+        }
         let wrk = which("wrk").context("wrk is not installed: `apt-get install -y wrk`")?;
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let pin = cpus >= 2 && which("taskset").is_some();
@@ -274,6 +379,7 @@ impl Tools {
             envoy,
             filter_wasm,
             passthrough_wasm,
+            compare_wasm,
             wrk,
             pin,
             clock_ticks,
@@ -378,12 +484,18 @@ fn http_filters(tools: &Tools, variant: Variant) -> Vec<Value> {
             }
         })],
         Variant::WasmNoop => vec![wasm_filter("passthrough", "", &tools.passthrough_wasm, "")],
-        Variant::Tollgate => vec![wasm_filter(
-            "tollgate",
-            "tollgate",
-            &tools.filter_wasm,
-            &tollgate_config().to_string(),
-        )],
+        Variant::Tollgate | Variant::TollgateB => {
+            let wasm = match (variant, &tools.compare_wasm) {
+                (Variant::TollgateB, Some(other)) => other,
+                _ => &tools.filter_wasm,
+            };
+            vec![wasm_filter(
+                "tollgate",
+                "tollgate",
+                wasm,
+                &tollgate_config().to_string(),
+            )]
+        }
     };
     filters.push(json!({
         "name": "envoy.filters.http.router",
