@@ -34,14 +34,20 @@ pub struct CounterKey(String);
 
 impl CounterKey {
     fn new(rule: &str, scope: Scope, identity: &Identity) -> Self {
-        let subject = match (scope, &identity.org, &identity.user) {
-            (Scope::Global, _, _) => "g".to_string(),
-            (Scope::Org, Some(org), _) => format!("o:{org}"),
+        // One allocation, no formatting machinery: this runs for every tier of every request.
+        let (tag, name) = match (scope, &identity.org, &identity.user) {
+            (Scope::Global, _, _) => ("g", ""),
+            (Scope::Org, Some(org), _) => ("o:", &org[..]),
             // Without an org the caller is its own org.
-            (Scope::Org | Scope::User, _, Some(user)) => format!("u:{user}"),
-            (Scope::Org | Scope::User, _, None) => "anon".to_string(),
+            (Scope::Org | Scope::User, _, Some(user)) => ("u:", &user[..]),
+            (Scope::Org | Scope::User, _, None) => ("anon", ""),
         };
-        Self(format!("{rule}|{subject}"))
+        let mut key = String::with_capacity(rule.len() + 1 + tag.len() + name.len());
+        key.push_str(rule);
+        key.push('|');
+        key.push_str(tag);
+        key.push_str(name);
+        Self(key)
     }
 
     /// The key as text (Durable Object storage keys, shared-data keys, logs).

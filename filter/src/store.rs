@@ -92,8 +92,20 @@ fn vacant() -> Vec<u8> {
 /// The shared-data key of slot `n` in a table of `slots`. The table size is part of the key, so
 /// a configuration with another size gets a fresh table instead of misreading the old one.
 pub fn slot_key(slots: u32, n: u32) -> String {
+    let mut key = String::new();
+    write_slot_key(&mut key, slots, n);
+    key
+}
+
+/// [`slot_key`] into `key`, replacing what it held. By hand, not with `format!`: it runs twice
+/// per tier of every request.
+fn write_slot_key(key: &mut String, slots: u32, n: u32) {
     // `w64`: the value layout, so a filter with another layout never misreads this table.
-    format!("tg:w64:{slots}:{n}")
+    key.clear();
+    key.push_str("tg:w64:");
+    key.push_str(itoa::Buffer::new().format(slots));
+    key.push(':');
+    key.push_str(itoa::Buffer::new().format(n));
 }
 
 fn marker_key(slots: u32) -> String {
@@ -128,6 +140,8 @@ pub struct SlotStore<'h, H: SharedData> {
     pub fail: bool,
     /// Slots found missing and created on the request path (see the module docs).
     pub created_late: u32,
+    /// The current slot's key, rebuilt in place for each counter (no allocation per call).
+    slot: String,
 }
 
 impl<'h, H: SharedData> SlotStore<'h, H> {
@@ -138,14 +152,17 @@ impl<'h, H: SharedData> SlotStore<'h, H> {
             slots: slots.max(1),
             fail: false,
             created_late: 0,
+            slot: String::new(),
         }
     }
 
-    fn key_of(&self, key: &CounterKey) -> (String, u64) {
+    /// Points `self.slot` at the counter's slot; returns the counter's fingerprint.
+    fn locate(&mut self, key: &CounterKey) -> u64 {
         let fp = key.fingerprint();
         // `slots` ≤ 2^24, so the remainder fits in u32.
         let n = u32::try_from(fp % u64::from(self.slots)).unwrap_or(0);
-        (slot_key(self.slots, n), fp)
+        write_slot_key(&mut self.slot, self.slots, n);
+        fp
     }
 }
 
@@ -153,23 +170,24 @@ impl<H: SharedData> CounterStore for SlotStore<'_, H> {
     type Error = HostError;
 
     fn load(&mut self, key: &CounterKey) -> Result<Stored, HostError> {
-        let (slot, fp) = self.key_of(key);
+        let fp = self.locate(key);
+        let slot = self.slot.as_str();
         if self.fail {
             return Err(HostError {
                 op: "get",
-                key: slot,
+                key: slot.to_string(),
                 status: "failure injected by test_only.fail_store".into(),
             });
         }
-        let (mut value, mut cas) = self.host.get(&slot)?;
+        let (mut value, mut cas) = self.host.get(slot)?;
         // Envoy hands an empty value back as no data with a token: only a missing token means
         // a missing entry.
         if cas.is_none() {
             // Missing: create it vacant (Envoy ignores the token for a missing key) and re-read
             // to get a real token.
             self.created_late += 1;
-            self.host.set(&slot, &vacant(), None)?;
-            (value, cas) = self.host.get(&slot)?;
+            self.host.set(&self.slot, &vacant(), None)?;
+            (value, cas) = self.host.get(&self.slot)?;
         }
         let version = u64::from(cas.unwrap_or(0));
         let bytes = value
@@ -184,8 +202,9 @@ impl<H: SharedData> CounterStore for SlotStore<'_, H> {
         let Some(cas) = u32::try_from(version).ok().filter(|&c| c != 0) else {
             return Ok(false);
         };
-        let (slot, fp) = self.key_of(key);
-        self.host.set(&slot, &encode_slot(fp, bytes), Some(cas))
+        let fp = self.locate(key);
+        self.host
+            .set(&self.slot, &encode_slot(fp, bytes), Some(cas))
     }
 }
 

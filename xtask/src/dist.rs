@@ -18,7 +18,7 @@ use crate::{apt::Apt, cargo, output::human_size, wasm, workerd};
 pub const DIST_DIR: &str = "dist";
 /// The Envoy filter's package.
 pub const FILTER_PACKAGE: &str = "tollgate-filter";
-/// The cargo profile the filter ships with (size-optimised, panics abort).
+/// The cargo profile the filter ships with (speed-optimised, panics abort).
 pub const FILTER_PROFILE: &str = "release-wasm";
 /// The filter's file name in `dist/`, which Envoy configs refer to.
 pub const FILTER_WASM: &str = "tollgate_filter.wasm";

@@ -241,8 +241,9 @@ pub fn build_bundle(sh: &Shell, tools: &Workerd) -> Result<PathBuf> {
     let crate_dir = sh.current_dir().join(CRATE_DIR);
     let _dir = sh.push_dir(&crate_dir);
     let worker_build = &tools.worker_build;
-    // `release-wasm`: the workspace's size-optimised wasm profile (opt-level s, panic abort).
-    cmd!(sh, "{worker_build} --profile release-wasm --out-dir {out}")
+    // The workspace's size-optimised wasm profile (opt-level s, panic abort).
+    let profile = "release-worker";
+    cmd!(sh, "{worker_build} --profile {profile} --out-dir {out}")
         .env("PATH", tools.path_env())
         .env("WASM_BINDGEN_BIN", &tools.wasm_bindgen)
         .env("WASM_OPT_BIN", &tools.wasm_opt)

@@ -165,14 +165,20 @@ impl Policy {
         org: Option<&str>,
         now: Timestamp,
     ) -> Option<&CompiledOverride> {
-        let applies = |o: &&CompiledOverride, who: &Subject| {
-            o.expires > now && &o.subject == who && o.rule.as_deref().is_none_or(|r| r == rule)
+        // Runs for every rule of every request: compares in place, allocates nothing.
+        let applies = |o: &&CompiledOverride, user: bool, who: &str| {
+            let subject = match (&o.subject, user) {
+                (Subject::User(u), true) => u,
+                (Subject::Org(g), false) => g,
+                _ => return false,
+            };
+            o.expires > now && subject == who && o.rule.as_deref().is_none_or(|r| r == rule)
         };
-        let user = user.map(|u| Subject::User(u.to_string()));
-        let org = org.map(|o| Subject::Org(o.to_string()));
-        user.iter()
-            .chain(org.iter())
-            .find_map(|who| self.overrides.iter().find(|o| applies(o, who)))
+        let find = |user: bool, who: Option<&str>| {
+            let who = who?;
+            self.overrides.iter().find(|o| applies(o, user, who))
+        };
+        find(true, user).or_else(|| find(false, org))
     }
 
     /// Whether the policy lists any bypass credential (if not, nobody needs to look for one).
