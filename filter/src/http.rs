@@ -47,6 +47,8 @@ pub struct Request {
     method: String,
     path: String,
     cost: u64,
+    /// The request ended with its headers: its body size is 0 without asking the host.
+    bodiless: bool,
     decided: Option<Decided>,
 }
 
@@ -60,6 +62,7 @@ impl Request {
             method: String::new(),
             path: String::new(),
             cost: 1,
+            bodiless: false,
             decided: None,
         }
     }
@@ -305,7 +308,11 @@ impl Request {
             route: self.rt.policy.route_for(path).to_string(),
             status,
             latency_us,
-            request_bytes: host::property_u64(&["request", "size"]).unwrap_or(0),
+            request_bytes: if self.bodiless {
+                0
+            } else {
+                host::property_u64(&["request", "size"]).unwrap_or(0)
+            },
             response_bytes: host::property_u64(&["response", "size"]).unwrap_or(0),
             cost: self.cost,
             decision: decided.verdict,
@@ -344,7 +351,8 @@ pub fn strip_port(address: &str) -> String {
 impl Context for Request {}
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.bodiless = end_of_stream;
         self.decide()
     }
 

@@ -1,6 +1,13 @@
 //! The filter's Envoy stats. Envoy files wasm-defined metrics under its custom-stat namespace,
 //! so `tollgate.allowed` shows on the admin `/stats` page as `wasmcustom.tollgate.allowed`.
 //! Every worker's VM defines the same names and so shares one process-wide counter per name.
+//!
+//! Counters are added up in the VM and handed to Envoy on the VM's tick (at most 250 ms
+//! apart) and when it shuts down: an `increment_metric` per request is a host call (a
+//! wasm→C++ transition) on the request path, and `/stats` a tick behind is no loss for a
+//! counter that Envoy's own stats sinks flush every few seconds anyway.
+
+use std::cell::Cell;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
@@ -119,10 +126,12 @@ const ALL: [(Metric, &str, MetricType); 18] = [
     ),
 ];
 
-/// Metric ids as the host gave them; a metric the host refused is simply not recorded.
-#[derive(Clone, Debug, Default)]
+/// Metric ids as the host gave them (a metric the host refused is simply not recorded), and
+/// the counts not yet handed to the host.
+#[derive(Debug, Default)]
 pub struct Metrics {
     ids: Vec<Option<u32>>,
+    pending: Vec<Cell<u64>>,
 }
 
 impl Metrics {
@@ -132,7 +141,10 @@ impl Metrics {
             .iter()
             .map(|(_, name, kind)| hostcalls::define_metric(*kind, name).ok())
             .collect();
-        Self { ids }
+        Self {
+            ids,
+            pending: ALL.iter().map(|_| Cell::new(0)).collect(),
+        }
     }
 
     /// Whether nothing was defined yet.
@@ -140,18 +152,28 @@ impl Metrics {
         self.ids.is_empty()
     }
 
-    fn id(&self, metric: Metric) -> Option<u32> {
-        let index = ALL.iter().position(|(m, _, _)| *m == metric)?;
-        self.ids.get(index).copied().flatten()
+    fn index(metric: Metric) -> Option<usize> {
+        ALL.iter().position(|(m, _, _)| *m == metric)
     }
 
-    /// Adds `by` to a counter.
+    fn id(&self, metric: Metric) -> Option<u32> {
+        self.ids.get(Self::index(metric)?).copied().flatten()
+    }
+
+    /// Adds `by` to a counter (handed to the host by the next [`Metrics::flush`]).
     pub fn add(&self, metric: Metric, by: u64) {
-        if by == 0 {
-            return;
+        if let Some(count) = Self::index(metric).and_then(|i| self.pending.get(i)) {
+            count.set(count.get().saturating_add(by));
         }
-        if let Some(id) = self.id(metric) {
-            let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+    }
+
+    /// Hands the counts gathered since the last flush to the host.
+    pub fn flush(&self) {
+        for (id, count) in self.ids.iter().zip(&self.pending) {
+            let by = count.take();
+            if let (Some(id), true) = (id, by > 0) {
+                let _ = hostcalls::increment_metric(*id, i64::try_from(by).unwrap_or(i64::MAX));
+            }
         }
     }
 

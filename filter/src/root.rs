@@ -421,6 +421,31 @@ impl Root {
             }
         }
     }
+
+    /// A tick's work: follow a new policy, queue this VM's events, and (holding the lease) drain
+    /// the queue and poll for policy; deliver what this VM holds.
+    fn tick(&mut self) {
+        self.follow_policy();
+        let Some(rt) = self.runtime.clone() else {
+            return;
+        };
+        rt.flush_pending();
+        let now_ms = Self::now_ms();
+        let owner = match acquire_lease(&Host, self.owner, now_ms, self.lease_ttl_ms()) {
+            Ok(owner) => owner,
+            Err(e) => {
+                rt.metrics.inc(Metric::HostErrors);
+                host::log(LogLevel::Warn, &format!("tollgate: {e}"));
+                false
+            }
+        };
+        if owner {
+            self.drain_queue(&rt);
+            self.poll_policy(&rt, now_ms);
+        }
+        // A VM that lost the lease still delivers what it holds.
+        self.flush(&rt, now_ms);
+    }
 }
 
 fn policy_key(path: &str, authority: &str) -> String {
@@ -454,6 +479,7 @@ impl Context for Root {
         if let Some(rt) = &self.runtime {
             rt.flush_pending();
         }
+        self.metrics.flush();
         true
     }
 
@@ -508,26 +534,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        self.follow_policy();
-        let Some(rt) = self.runtime.clone() else {
-            return;
-        };
-        rt.flush_pending();
-        let now_ms = Self::now_ms();
-        let owner = match acquire_lease(&Host, self.owner, now_ms, self.lease_ttl_ms()) {
-            Ok(owner) => owner,
-            Err(e) => {
-                rt.metrics.inc(Metric::HostErrors);
-                host::log(LogLevel::Warn, &format!("tollgate: {e}"));
-                false
-            }
-        };
-        if owner {
-            self.drain_queue(&rt);
-            self.poll_policy(&rt, now_ms);
-        }
-        // A VM that lost the lease still delivers what it holds.
-        self.flush(&rt, now_ms);
+        self.tick();
+        // Last, so the tick's own counts go too.
+        self.metrics.flush();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -45,7 +45,11 @@ fn policies_are_polled_swapped_atomically_and_bad_ones_rejected() -> Result<()> 
         pre_filters: Vec::new(),
     })?;
     eventually(Duration::from_secs(10), || all_under(&envoy, "v1"))?;
-    ensure!(envoy.stat("policy_updates")? == 1);
+    // Stats reach Envoy on the VM's tick.
+    eventually(Duration::from_secs(5), || {
+        ensure!(envoy.stat("policy_updates")? == 1, "policy_updates");
+        Ok(())
+    })?;
 
     // A bad policy is refused, counted, and the last good one stays on every worker.
     server.set(r#"{"version": 1, "rules": [{"name": "x", "algorithm": "gcra", "limit": 1}]}"#);
@@ -73,7 +77,10 @@ fn policies_are_polled_swapped_atomically_and_bad_ones_rejected() -> Result<()> 
     ensure!(envoy.stat("policy_updates")? == 1 && envoy.stat("policy_rejected")? == 1);
     server.set(&policy("v2").to_string());
     eventually(Duration::from_secs(10), || all_under(&envoy, "v2"))?;
-    ensure!(envoy.stat("policy_updates")? == 2);
+    eventually(Duration::from_secs(5), || {
+        ensure!(envoy.stat("policy_updates")? == 2, "policy_updates");
+        Ok(())
+    })?;
     Ok(())
 }
 

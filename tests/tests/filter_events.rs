@@ -148,3 +148,40 @@ fn a_full_buffer_drops_the_oldest_and_counts_them() -> Result<()> {
     ensure!(collector.with_log(|l| l.duplicates) == 0);
     Ok(())
 }
+
+#[test]
+fn events_carry_the_request_and_response_body_sizes() -> Result<()> {
+    let upstream = Upstream::start()?;
+    let collector = FakeCollector::start(0)?;
+    let envoy = start(&collector, &upstream, 1000)?;
+    let agent = tollgate_e2e::client();
+    let url = envoy.url("/v1/items/1");
+    send(&agent, "GET", &url, &[("x-api-key", "sk_alice")])?;
+    // A body: the filter asks Envoy for its size (a bodiless request's is 0 without asking).
+    agent
+        .post(&url)
+        .set("x-api-key", "sk_alice")
+        .send_string(&"x".repeat(1000))?;
+    eventually(Duration::from_secs(10), || {
+        let stored = collector.stored();
+        ensure!(stored == 2, "collector has {stored} of 2");
+        Ok(())
+    })?;
+    let mut sizes: Vec<(String, u64, u64)> = collector.with_log(|log| {
+        log.events
+            .values()
+            .map(|e| {
+                (
+                    e["method"].as_str().unwrap_or_default().to_string(),
+                    e["request_bytes"].as_u64().unwrap_or(u64::MAX),
+                    e["response_bytes"].as_u64().unwrap_or(u64::MAX),
+                )
+            })
+            .collect()
+    });
+    sizes.sort();
+    // The upstream answers `upstream ok`: 11 bytes.
+    let want = [("GET".to_string(), 0, 11), ("POST".to_string(), 1000, 11)];
+    ensure!(sizes == want, "{sizes:?}");
+    Ok(())
+}
