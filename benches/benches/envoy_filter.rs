@@ -275,7 +275,10 @@ fn compare(tools: &Tools, upstream: &tollgate_e2e::Upstream, durations: Duration
     // cpu µs per request, by round then variant.
     let mut cpu = vec![[0.0f64; 3]; rounds];
     for (round, row) in cpu.iter_mut().enumerate() {
-        for (i, (_, envoy, wrk)) in running.iter().enumerate() {
+        // The order turns each round, so no build always runs first or right after another
+        // (whose Envoy may still be sending that run's events on the same CPU).
+        for i in (0..variants.len()).map(|k| (k + round) % variants.len()) {
+            let (_, envoy, wrk) = &running[i];
             let before = envoy.cpu_ticks()?;
             let sat = wrk.run(COMPARE_KEYS, SAT_CONNECTIONS, durations.latency)?;
             let ticks = envoy.cpu_ticks()? - before;
@@ -316,7 +319,11 @@ fn compare(tools: &Tools, upstream: &tollgate_e2e::Upstream, durations: Duration
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
     };
     let cheaper = b_minus_a.iter().filter(|d| **d < 0.0).count();
     let (a, b, d) = (
