@@ -5,7 +5,9 @@
 //! Counters are added up in the VM and handed to Envoy on the VM's tick (at most 250 ms
 //! apart) and when it shuts down: an `increment_metric` per request is a host call (a
 //! wasm→C++ transition) on the request path, and `/stats` a tick behind is no loss for a
-//! counter that Envoy's own stats sinks flush every few seconds anyway.
+//! counter that Envoy's own stats sinks flush every few seconds anyway. The price: a VM that
+//! dies without `on_done` (a trap) loses up to one tick of counts, as it loses the usage
+//! events it had not queued yet.
 
 use std::cell::Cell;
 

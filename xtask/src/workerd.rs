@@ -241,7 +241,7 @@ pub fn build_bundle(sh: &Shell, tools: &Workerd) -> Result<PathBuf> {
     let crate_dir = sh.current_dir().join(CRATE_DIR);
     let _dir = sh.push_dir(&crate_dir);
     let worker_build = &tools.worker_build;
-    // The workspace's size-optimised wasm profile (opt-level s, panic abort).
+    // `release-worker`: the workspace's size-optimised wasm profile (opt-level s, panic abort).
     let profile = "release-worker";
     cmd!(sh, "{worker_build} --profile {profile} --out-dir {out}")
         .env("PATH", tools.path_env())
