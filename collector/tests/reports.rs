@@ -263,6 +263,68 @@ async fn timeseries_by_hour_and_series(backend: Backend) {
         );
         expect.check(row, route);
     }
+
+    // By user and route, which only the full cube holds, and it keeps no days or weeks: the
+    // 14 days' weeks and days (and a daily series' buckets) are summed from its hours.
+    let mut by_user_route: BTreeMap<(String, String), Expect> = BTreeMap::new();
+    let mut by_day_user_route: BTreeMap<(i64, String, String), Expect> = BTreeMap::new();
+    for e in of_org(&events, "acme") {
+        let user = e.user.as_deref().unwrap_or_default().to_owned();
+        by_user_route
+            .entry((user.clone(), e.route.to_string()))
+            .or_default()
+            .add(e);
+        by_day_user_route
+            .entry((
+                e.timestamp.timestamp().div_euclid(86_400) * 86_400,
+                user,
+                e.route.to_string(),
+            ))
+            .or_default()
+            .add(e);
+    }
+    let r = app
+        .get(
+            &format!("/v1/reports/overview?org=acme&{range}&group_by=user,route&limit=1000"),
+            &app.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let rows = r.json()["rows"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), by_user_route.len(), "{rows:?}");
+    for row in &rows {
+        let key = (
+            row["dimensions"]["user"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            row["dimensions"]["route"].as_str().unwrap().to_owned(),
+        );
+        by_user_route[&key].check(row, &format!("{key:?}"));
+    }
+    let r = app
+        .get(
+            &format!(
+                "/v1/reports/timeseries?org=acme&{range}&interval=day&group_by=user,route&limit=1000"
+            ),
+            &app.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let rows = r.json()["rows"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), by_day_user_route.len(), "{rows:?}");
+    for row in &rows {
+        let bucket: DateTime<Utc> = row["bucket"].as_str().unwrap().parse().unwrap();
+        let key = (
+            bucket.timestamp(),
+            row["dimensions"]["user"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            row["dimensions"]["route"].as_str().unwrap().to_owned(),
+        );
+        by_day_user_route[&key].check(row, &format!("{key:?}"));
+    }
 }
 
 async fn top_users_orgs_and_endpoints(backend: Backend) {

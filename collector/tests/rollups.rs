@@ -431,18 +431,34 @@ async fn execute(storage: &Storage, sql: &str) {
 }
 
 /// The rollups as a collector from before migration 0006 leaves them: route-and-user rows (6),
-/// no caller rows (7), no users sketches.
-const OLDER_COLLECTOR: [&str; 3] = [
-    "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, method, \
-     status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes) \
-     SELECT 6, granularity, bucket, org, \
-     -ROW_NUMBER() OVER (ORDER BY org, granularity, bucket, route, method, user_id), \
-     user_id, route, method, 0, '', '', SUM(calls), SUM(errors), SUM(cost), \
-     SUM(request_bytes), SUM(response_bytes) FROM rollups WHERE cube = 0 AND granularity > 0 \
-     GROUP BY org, granularity, bucket, route, method, user_id",
-    "DELETE FROM rollups WHERE cube = 7",
-    "UPDATE rollups SET users_sketch = NULL",
-];
+/// no caller rows (7), no users sketches. Its route-and-user rows of every granularity but the
+/// minute are summed here from the full cube's hours (the full cube keeps no days or weeks).
+fn older_collector() -> [String; 3] {
+    let hours = |g: Granularity| {
+        format!(
+            "SELECT {code} AS g, {bucket} AS b, org, user_id, route, method, calls, errors, \
+             cost, request_bytes, response_bytes FROM rollups WHERE cube = 0 AND granularity = 1",
+            code = g.code(),
+            bucket = g.bucket_sql("bucket"),
+        )
+    };
+    [
+        format!(
+            "INSERT INTO rollups (cube, granularity, bucket, org, key_hash, user_id, route, \
+             method, status_class, decision, rule, calls, errors, cost, request_bytes, \
+             response_bytes) \
+             SELECT 6, g, b, org, -ROW_NUMBER() OVER (ORDER BY org, g, b, route, method, user_id), \
+             user_id, route, method, 0, '', '', SUM(calls), SUM(errors), SUM(cost), \
+             SUM(request_bytes), SUM(response_bytes) FROM ({} UNION ALL {} UNION ALL {}) AS h \
+             GROUP BY org, g, b, route, method, user_id",
+            hours(Granularity::Hour),
+            hours(Granularity::Day),
+            hours(Granularity::Week),
+        ),
+        "DELETE FROM rollups WHERE cube = 7".into(),
+        "UPDATE rollups SET users_sketch = NULL".into(),
+    ]
+}
 
 async fn callers_are_backfilled_for_rows_folded_before_them(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -470,8 +486,8 @@ async fn callers_are_backfilled_for_rows_folded_before_them(backend: Backend) {
     // The rollups as a collector before migration 0006 left them: a route-and-user cube (6),
     // no caller cube (7), no users sketches; and the backfill owed.
     let storage = &app.state.storage;
-    for sql in OLDER_COLLECTOR {
-        execute(storage, sql).await;
+    for sql in older_collector() {
+        execute(storage, &sql).await;
     }
     execute(
         storage,
@@ -496,8 +512,8 @@ async fn callers_are_backfilled_for_rows_folded_before_them(backend: Backend) {
     assert_eq!(&r.json(), &before[0]);
     // A collector from before 0006 still running folds route-and-user rows and no caller rows:
     // the next start rebuilds both, with no marker.
-    for sql in OLDER_COLLECTOR {
-        execute(storage, sql).await;
+    for sql in older_collector() {
+        execute(storage, &sql).await;
     }
     let r = app.get(reports[1], &app.admin).await;
     assert_eq!(r.json()["rows"], serde_json::json!([]));

@@ -13,6 +13,7 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use super::report_limit::apply;
 use super::{ApiError, AppState, ErrorBody};
 use crate::auth::{Caller, Role};
+use crate::db::reports::{Aggregate, Segment};
 use crate::reports::{Format, ReportCtx, ReportQuery, Tabular};
 use crate::rollup::{percentile, Granularity, RollupValues};
 
@@ -277,12 +278,18 @@ pub(super) async fn bill(
         .checked_add_months(chrono::Months::new(1))
         .ok_or_else(|| ApiError::BadRequest("`month` out of range".into()))?;
     let secs = |d: NaiveDate| d.and_time(chrono::NaiveTime::MIN).and_utc().timestamp();
-    let rows = state
+    // The month's day rows of the org cube: one or a few per day, where the full cube has
+    // one per key and hour.
+    let totals = state
         .storage
-        .rollup_rows(&org, Granularity::Day, secs(start), secs(end))
+        .aggregate(&Aggregate {
+            org: Some(&org),
+            segments: &Segment::single(Granularity::Day, secs(start), secs(end)),
+            ..Aggregate::default()
+        })
         .await?;
-    let calls = rows.iter().map(|r| r.values.calls).sum();
-    let units: i64 = rows.iter().map(|r| r.values.cost).sum();
+    let calls: i64 = totals.iter().map(|t| t.calls).sum();
+    let units: i64 = totals.iter().map(|t| t.cost).sum();
     let plan = state.storage.get_org(&org).await?.and_then(|o| o.plan);
     let price = plan.as_deref().and_then(|p| {
         state

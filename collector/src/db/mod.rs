@@ -70,7 +70,7 @@ use tollgate_core::event::{EdgeKind, UsageEvent};
 use uuid::Uuid;
 
 use crate::auth::KeyRecord;
-use crate::rollup::Granularity;
+use crate::rollup::{Cube, Granularity};
 
 pub use postgres::{copy_text, PgStore, EVENT_COLUMNS};
 
@@ -427,7 +427,9 @@ impl Storage {
         Ok(())
     }
 
-    /// An org's rollup rows of one granularity with `from <= bucket < to`.
+    /// An org's full-cube rollup rows of one granularity with `from <= bucket < to` (whole
+    /// buckets of it). Days and weeks, which the full cube does not store, are its hours
+    /// merged per key and bucket ([`Cube::stored_for`]).
     pub async fn rollup_rows(
         &self,
         org: &str,
@@ -435,38 +437,63 @@ impl Storage {
         from: i64,
         to: i64,
     ) -> Result<Vec<StoredRollup>, DbError> {
+        let stored = Cube::Full.stored_for(granularity).unwrap_or(granularity);
         let rows: Vec<RollupRow> = both!(self, pool => sqlx::query_as(
             "SELECT bucket, user_id, route, method, CAST(status_class AS BIGINT), decision, \
              rule, calls, errors, cost, request_bytes, response_bytes, latency_sketch \
              FROM rollups \
-             WHERE org = $1 AND cube = 0 AND granularity = $2 AND bucket >= $3 AND bucket < $4",
+             WHERE org = $1 AND cube = $2 AND granularity = $3 AND bucket >= $4 AND bucket < $5",
         )
         .bind(org)
-        .bind(granularity.code())
+        .bind(Cube::Full.code())
+        .bind(stored.code())
         .bind(from)
         .bind(to)
         .fetch_all(pool)
         .await)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| StoredRollup {
-                bucket: r.0,
-                user: r.1,
-                route: r.2,
-                method: r.3,
-                status_class: r.4,
-                decision: r.5,
-                rule: r.6,
-                values: crate::rollup::RollupValues {
-                    calls: r.7,
-                    errors: r.8,
-                    cost: r.9,
-                    request_bytes: r.10,
-                    response_bytes: r.11,
-                    sketch: crate::rollup::decode_sketch(r.12.as_deref()),
-                },
-            })
-            .collect())
+        let rows = rows.into_iter().map(|r| StoredRollup {
+            bucket: granularity.bucket_of(r.0),
+            user: r.1,
+            route: r.2,
+            method: r.3,
+            status_class: r.4,
+            decision: r.5,
+            rule: r.6,
+            values: crate::rollup::RollupValues {
+                calls: r.7,
+                errors: r.8,
+                cost: r.9,
+                request_bytes: r.10,
+                response_bytes: r.11,
+                sketch: crate::rollup::decode_sketch(r.12.as_deref()),
+            },
+        });
+        if stored == granularity {
+            return Ok(rows.collect());
+        }
+        type RowKey = (i64, String, String, String, i64, String, String);
+        let mut merged: std::collections::BTreeMap<RowKey, StoredRollup> =
+            std::collections::BTreeMap::new();
+        for row in rows {
+            let key = (
+                row.bucket,
+                row.user.clone(),
+                row.route.clone(),
+                row.method.clone(),
+                row.status_class,
+                row.decision.clone(),
+                row.rule.clone(),
+            );
+            match merged.entry(key) {
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    e.get_mut().values.merge(&row.values)
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(row);
+                }
+            }
+        }
+        Ok(merged.into_values().collect())
     }
 
     /// How many raw events of `org` are stored, and how many distinct ids (tests and audits).

@@ -364,13 +364,26 @@ impl Aggregate<'_> {
                 columns.extend(["calls", "errors", "cost", "request_bytes", "response_bytes"])
             }
         }
-        let columns = columns.join(", ");
         let mut binds = Vec::new();
         let mut branches: Vec<String> = self
             .segments
             .iter()
             .map(|s| {
-                binds.extend([i64::from(s.granularity.code()), s.from, s.to]);
+                // A granularity the cube lacks (the full cube's days and weeks) is read from
+                // the rows that tile it, each labelled with the bucket it falls in.
+                let stored = cube.stored_for(s.granularity).unwrap_or(s.granularity);
+                let columns = columns
+                    .iter()
+                    .map(|&c| {
+                        if c == "bucket" && stored != s.granularity {
+                            format!("{} AS bucket", s.granularity.bucket_sql("bucket"))
+                        } else {
+                            c.to_owned()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                binds.extend([i64::from(stored.code()), s.from, s.to]);
                 let branch = format!(
                     "SELECT {columns} FROM rollups WHERE {common} AND granularity = ${} \
                      AND bucket >= ${} AND bucket < ${}",
@@ -383,7 +396,10 @@ impl Aggregate<'_> {
             })
             .collect();
         if branches.is_empty() {
-            branches.push(format!("SELECT {columns} FROM rollups WHERE 1 = 0"));
+            branches.push(format!(
+                "SELECT {} FROM rollups WHERE 1 = 0",
+                columns.join(", ")
+            ));
         }
         (
             format!(" FROM ({}) AS r", branches.join(" UNION ALL ")),

@@ -101,12 +101,14 @@ pub(super) async fn move_rollups(pool: &SqlitePool) -> Result<(), DbError> {
     let mut tx = conn.begin().await?;
     for statement in [
         "DELETE FROM rollupdb.rollups",
+        // Not the full cube's days and weeks: no longer read (sqlite-rollups 0002).
         "INSERT INTO rollupdb.rollups (cube, granularity, bucket, org, key_hash, user_id, route, \
          method, status_class, decision, rule, calls, errors, cost, request_bytes, \
          response_bytes, latency_sketch, dimension, dimension_value, users_sketch) \
          SELECT cube, granularity, bucket, org, key_hash, user_id, route, method, status_class, \
          decision, rule, calls, errors, cost, request_bytes, response_bytes, latency_sketch, \
-         dimension, dimension_value, users_sketch FROM main.rollups",
+         dimension, dimension_value, users_sketch FROM main.rollups \
+         WHERE NOT (cube = 0 AND granularity IN (2, 3))",
         "DELETE FROM rollupdb.rollup_epochs",
         "INSERT INTO rollupdb.rollup_epochs (granularity, since) \
          SELECT granularity, since FROM main.rollup_epochs",
