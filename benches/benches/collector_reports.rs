@@ -603,6 +603,10 @@ const CACHE_NEUTRAL_MIGRATIONS: &[&str] = &[
     // Rebuilds the (empty) queue table; the collector's `migrate` then moves the cached rollups
     // into their own file, rows unchanged.
     "0008_rollup_batches_autoincrement.sql",
+    // Delete the full cube's day and week rows (PostgreSQL `0008`, the rollups file's `0002`):
+    // applied to a cache, they leave what a load under them folds.
+    "0008_full_cube_hours_only.sql",
+    "0002_full_cube_hours_only.sql",
 ];
 
 /// A fingerprint (FNV-1a) of the collector's migrations for one engine: names and contents. A
