@@ -691,6 +691,120 @@ async fn postgres_a_rollup_row_inserted_meanwhile_by_another_folder_is_added_to(
     );
 }
 
+/// Migration 0009 partitions PostgreSQL's rollups by cube. Rows stored before it keep every
+/// value, land in their cube's partition, and are found and added to by the next fold; and the
+/// full cube's rows are then updated in place (HOT), which is why the table is partitioned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rollups_stored_before_the_partitioning_are_kept_and_folded_into() {
+    use tollgate_collector::rollup::{aggregate, Sample};
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let storage = Storage::connect(&db.url, 4).await.unwrap();
+    let Storage::Postgres(pg) = &storage else {
+        unreachable!("a PostgreSQL database")
+    };
+    let mut before = sqlx::migrate!("./migrations/postgres");
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version < 9)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&pg.pool).await.unwrap();
+
+    // The rows a fold of these events makes, stored by a collector from before 0009.
+    let mut fx = Fixture::new(21);
+    let events = fx.events("acme", 40);
+    let deltas = aggregate(
+        &events
+            .iter()
+            .map(|e| Sample::of(e, &[]))
+            .collect::<Vec<_>>(),
+    );
+    for (key, hash, delta) in &deltas {
+        sqlx::query(
+            "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
+             status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
+             latency_sketch, cube, dimension, dimension_value, users_sketch) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, NULL, $16, \
+             $17, $18, NULL)",
+        )
+        .bind(&key.org)
+        .bind(hash)
+        .bind(key.granularity.code())
+        .bind(key.bucket)
+        .bind(&key.user)
+        .bind(&key.route)
+        .bind(&key.method)
+        .bind(key.status_class)
+        .bind(&key.decision)
+        .bind(&key.rule)
+        .bind(delta.calls)
+        .bind(delta.errors)
+        .bind(delta.cost)
+        .bind(delta.request_bytes)
+        .bind(delta.response_bytes)
+        .bind(key.cube.code())
+        .bind(&key.dimension)
+        .bind(&key.dimension_value)
+        .execute(&pg.pool)
+        .await
+        .unwrap();
+    }
+    const ROWS: &str = "SELECT CAST(row_to_json(r) AS TEXT) FROM (SELECT org, key_hash, \
+        granularity, bucket, user_id, route, method, status_class, decision, rule, calls, \
+        errors, cost, request_bytes, response_bytes, cube, dimension, dimension_value \
+        FROM rollups ORDER BY org, cube, key_hash) AS r";
+    let stored: Vec<(String,)> = sqlx::query_as(ROWS).fetch_all(&pg.pool).await.unwrap();
+    assert_eq!(stored.len(), deltas.len());
+
+    storage.migrate().await.unwrap();
+    let migrated: Vec<(String,)> = sqlx::query_as(ROWS).fetch_all(&pg.pool).await.unwrap();
+    assert_eq!(migrated, stored, "every row and value kept");
+    let misplaced: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM rollups WHERE tableoid::regclass::text <> CASE cube \
+         WHEN 0 THEN 'rollups_cube0' WHEN 4 THEN 'rollups_cube4' WHEN 7 THEN 'rollups_cube7' \
+         ELSE 'rollups_cubes' END",
+    )
+    .fetch_one(&pg.pool)
+    .await
+    .unwrap();
+    assert_eq!(misplaced, 0, "each row in its cube's partition");
+
+    // The same events again: every row exists, so the fold adds to each (none inserted).
+    storage
+        .write_events(&events, Utc::now(), &[])
+        .await
+        .unwrap();
+    assert_eq!(storage.fold(1_000).await.unwrap(), events.len());
+    let (rows, total): (i64, i64) =
+        sqlx::query_as("SELECT count(*), CAST(sum(calls) AS BIGINT) FROM rollups")
+            .fetch_one(&pg.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, deltas.len() as i64);
+    assert_eq!(
+        total,
+        2 * deltas.iter().map(|(_, _, d)| d.calls).sum::<i64>()
+    );
+
+    // Statistics reach the view within a second or so of the fold's commit.
+    let mut hot: i64 = 0;
+    for _ in 0..50 {
+        hot = sqlx::query_scalar(
+            "SELECT n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'rollups_cube0'",
+        )
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap();
+        if hot > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(hot > 0, "the full cube's rows were updated in place");
+}
+
 /// Events an older collector queued one row each (`rollup_queue`, before migration 0007) are
 /// folded with the newer batches, each once.
 async fn events_queued_by_an_older_collector_are_folded(backend: Backend) {

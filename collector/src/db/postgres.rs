@@ -462,14 +462,16 @@ async fn lock_stored(
     which: &[usize],
 ) -> Result<HashMap<usize, rollup::Sketches>, DbError> {
     let orgs: Vec<&str> = which.iter().map(|&i| deltas[i].0.org.as_str()).collect();
+    let cubes: Vec<i16> = which.iter().map(|&i| deltas[i].0.cube.code()).collect();
     let hashes: Vec<i64> = which.iter().map(|&i| deltas[i].1).collect();
     let rows: Vec<(String, i64, Sketch, Sketch)> = sqlx::query_as(
         "SELECT r.org, r.key_hash, r.latency_sketch, r.users_sketch FROM rollups r \
-         JOIN UNNEST($1::text[], $2::int8[]) AS t(org, h) \
-         ON r.org = t.org AND r.key_hash = t.h \
+         JOIN UNNEST($1::text[], $2::int2[], $3::int8[]) AS t(org, cube, h) \
+         ON r.org = t.org AND r.cube = t.cube AND r.key_hash = t.h \
          ORDER BY r.org, r.key_hash FOR UPDATE OF r",
     )
     .bind(&orgs)
+    .bind(&cubes)
     .bind(&hashes)
     .fetch_all(&mut **tx)
     .await?;
@@ -508,7 +510,7 @@ async fn insert_new_rows(
          $6::text[], $7::text[], $8::int2[], $9::text[], $10::text[], $11::int8[], $12::int8[], \
          $13::int8[], $14::int8[], $15::int8[], $16::bytea[], $17::int2[], $18::text[], \
          $19::text[], $20::bytea[]) \
-         ON CONFLICT (org, key_hash) DO NOTHING RETURNING org, key_hash",
+         ON CONFLICT (org, cube, key_hash) DO NOTHING RETURNING org, key_hash",
     )
     .bind(text(&|k| &k.org))
     .bind(int(&|d| d.1))
@@ -580,9 +582,9 @@ async fn update_rows(
          latency_sketch = COALESCE(t.sk, r.latency_sketch), \
          users_sketch = COALESCE(t.us, r.users_sketch) \
          FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
-         $6::int8[], $7::int8[], $8::bytea[], $9::bytea[]) \
-         AS t(org, h, calls, errors, cost, rq, rs, sk, us) \
-         WHERE r.org = t.org AND r.key_hash = t.h",
+         $6::int8[], $7::int8[], $8::bytea[], $9::bytea[], $10::int2[]) \
+         AS t(org, h, calls, errors, cost, rq, rs, sk, us, cube) \
+         WHERE r.org = t.org AND r.cube = t.cube AND r.key_hash = t.h",
     )
     .bind(
         which
@@ -598,6 +600,12 @@ async fn update_rows(
     .bind(int(&|d| d.response_bytes))
     .bind(&sketches)
     .bind(&users)
+    .bind(
+        which
+            .iter()
+            .map(|&i| deltas[i].0.cube.code())
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut **tx)
     .await?;
     Ok(())
