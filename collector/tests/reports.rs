@@ -293,13 +293,7 @@ async fn timeseries_by_hour_and_series(backend: Backend) {
     let rows = r.json()["rows"].as_array().unwrap().clone();
     assert_eq!(rows.len(), by_user_route.len(), "{rows:?}");
     for row in &rows {
-        let key = (
-            row["dimensions"]["user"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            row["dimensions"]["route"].as_str().unwrap().to_owned(),
-        );
+        let key = user_and_route(row);
         by_user_route[&key].check(row, &format!("{key:?}"));
     }
     let r = app
@@ -315,16 +309,16 @@ async fn timeseries_by_hour_and_series(backend: Backend) {
     assert_eq!(rows.len(), by_day_user_route.len(), "{rows:?}");
     for row in &rows {
         let bucket: DateTime<Utc> = row["bucket"].as_str().unwrap().parse().unwrap();
-        let key = (
-            bucket.timestamp(),
-            row["dimensions"]["user"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            row["dimensions"]["route"].as_str().unwrap().to_owned(),
-        );
+        let (user, route) = user_and_route(row);
+        let key = (bucket.timestamp(), user, route);
         by_day_user_route[&key].check(row, &format!("{key:?}"));
     }
+}
+
+/// A report row's user ('' when none) and route.
+fn user_and_route(row: &serde_json::Value) -> (String, String) {
+    let text = |d: &str| row["dimensions"][d].as_str().unwrap_or_default().to_owned();
+    (text("user"), text("route"))
 }
 
 async fn top_users_orgs_and_endpoints(backend: Backend) {

@@ -678,17 +678,21 @@ async fn postgres_a_rollup_row_inserted_meanwhile_by_another_folder_is_added_to(
     );
     assert!(sketched, "the fold's latencies are merged into the row");
     // Every other row of the fold is there once, with the fold's own numbers.
-    let (rows, total): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), CAST(sum(calls) AS BIGINT) FROM rollups WHERE org = 'acme'",
-    )
-    .fetch_one(&pg.pool)
-    .await
-    .unwrap();
+    let (rows, total) = rows_and_calls(&pg.pool, "acme").await;
     assert_eq!(rows, deltas.len() as i64);
     assert_eq!(
         total,
         100 + deltas.iter().map(|(_, _, d)| d.calls).sum::<i64>()
     );
+}
+
+/// How many rollup rows `org` has (every cube and granularity), and their calls summed.
+async fn rows_and_calls(pool: &sqlx::PgPool, org: &str) -> (i64, i64) {
+    sqlx::query_as("SELECT count(*), CAST(sum(calls) AS BIGINT) FROM rollups WHERE org = $1")
+        .bind(org)
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// Migration 0009 partitions PostgreSQL's rollups by cube. Rows stored before it keep every
@@ -777,11 +781,7 @@ async fn postgres_rollups_stored_before_the_partitioning_are_kept_and_folded_int
         .await
         .unwrap();
     assert_eq!(storage.fold(1_000).await.unwrap(), events.len());
-    let (rows, total): (i64, i64) =
-        sqlx::query_as("SELECT count(*), CAST(sum(calls) AS BIGINT) FROM rollups")
-            .fetch_one(&pg.pool)
-            .await
-            .unwrap();
+    let (rows, total) = rows_and_calls(&pg.pool, "acme").await;
     assert_eq!(rows, deltas.len() as i64);
     assert_eq!(
         total,
