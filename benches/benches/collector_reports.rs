@@ -609,6 +609,7 @@ const CACHE_NEUTRAL_MIGRATIONS: &[&str] = &[
     "0002_full_cube_hours_only.sql",
     // Partitions PostgreSQL's rollups by cube: the same rows, moved.
     "0009_rollups_by_cube.sql",
+    "0010_rollups_vacuumed.sql",
 ];
 
 /// A fingerprint (FNV-1a) of the collector's migrations for one engine: names and contents. A
