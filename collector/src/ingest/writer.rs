@@ -1,4 +1,4 @@
-//! Group commit. Requests hand their validated events to [`Writer::submit`] and await a oneshot
+//! Group commit. Requests hand their validated events to [`Writer::write`] and await a oneshot
 //! that fires after COMMIT; committer tasks take every batch queued while the previous commit
 //! ran and write them in one transaction, so concurrent batches share one commit (one fsync).
 //!
