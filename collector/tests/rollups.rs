@@ -1074,3 +1074,164 @@ mod sqlite_rollups_file {
         assert_eq!(day_calls(&storage, "acme", at).await, 4);
     }
 }
+
+/// Rows read by sequential scans of the rollups' partitions so far, and index scans.
+async fn rollup_scans(pool: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT CAST(sum(seq_tup_read) AS BIGINT), CAST(sum(idx_scan) AS BIGINT) \
+         FROM pg_stat_user_tables WHERE relname LIKE 'rollups_%'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A fold finds its rows through the primary key, one probe per key, however many keys it has
+/// and however big the table: left to itself, PostgreSQL hashed the whole table for a fold of
+/// some tens of thousands of keys, which took seconds on millions of rows and stalled folds in
+/// the ingest bench for 4 to 15 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_folds_probe_rows_by_key_instead_of_scanning_the_table() {
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let storage = db.storage().await;
+    let Storage::Postgres(pg) = &storage else {
+        unreachable!("a PostgreSQL database")
+    };
+    // Another org's rows make the table big enough that hashing it looks cheaper to the planner
+    // than the fold's probes.
+    sqlx::query(
+        "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
+         status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
+         cube, dimension, dimension_value) \
+         SELECT 'filler', i, 0, 0, '', '', '', 2, 'allowed', '', 1, 0, 1, 0, 0, c, '', '' \
+         FROM generate_series(1, 150000) AS i, (VALUES (0), (2), (4), (7)) AS cubes(c)",
+    )
+    .execute(&pg.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE rollups")
+        .execute(&pg.pool)
+        .await
+        .unwrap();
+
+    // Events of 10,000 callers in one minute: tens of thousands of rollup rows per fold.
+    let mut fx = Fixture::new(31);
+    let at = Utc::now() - chrono::Duration::minutes(2);
+    let mut batch = |n: usize| -> Vec<UsageEvent> {
+        (0..n)
+            .map(|i| {
+                let mut e = fx.event("acme", at);
+                e.user = Some(format!("user-{i}"));
+                e
+            })
+            .collect()
+    };
+    let (first, second) = (batch(10_000), batch(10_000));
+    let before = rollup_scans(&pg.pool).await;
+    // The first fold inserts the rows, the second (the same callers again) adds to them.
+    for events in [&first, &second] {
+        for chunk in events.chunks(1_000) {
+            storage.write_events(chunk, Utc::now(), &[]).await.unwrap();
+        }
+        assert_eq!(storage.fold(100_000).await.unwrap(), events.len());
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rollups WHERE org = 'acme'")
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap();
+    assert!(rows >= 30_000, "a fold of {rows} keys is too few to test");
+    // Statistics reach the view a second or so after a fold's commit: wait for the probes of
+    // both folds (the first looks for every row, the second looks for and updates each).
+    let probes = 3 * rows;
+    let mut after = rollup_scans(&pg.pool).await;
+    for _ in 0..50 {
+        if after.1 - before.1 >= probes {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        after = rollup_scans(&pg.pool).await;
+    }
+    assert!(
+        after.1 - before.1 >= probes,
+        "the folds' probes: {before:?} → {after:?}"
+    );
+    assert_eq!(
+        after.0, before.0,
+        "no fold read rows by scanning a partition"
+    );
+}
+
+/// Stores `n` new events of acme and folds them.
+async fn write_and_fold(storage: &Storage, fx: &mut Fixture, n: usize) {
+    storage
+        .write_events(&fx.events("acme", n), Utc::now(), &[])
+        .await
+        .unwrap();
+    assert_eq!(storage.fold(1_000).await.unwrap(), n);
+}
+
+/// Manual ANALYZEs of the full cube's partition so far.
+async fn cube0_analyzes(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'rollups_cube0'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A fold first analyzes the rollup partitions that have outgrown their statistics (a new
+/// table that autovacuum has not analyzed yet), so its probes by key pick the primary key; the
+/// planner's guesses without statistics made folds read an org's whole cube per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_folds_analyze_rollups_that_outgrew_their_statistics() {
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let storage = db.storage().await;
+    let Storage::Postgres(pg) = &storage else {
+        unreachable!("a PostgreSQL database")
+    };
+    let mut fx = Fixture::new(41);
+    // The migrations analyzed the empty table; a fold of a few rows leaves it be.
+    let before = cube0_analyzes(&pg.pool).await;
+    write_and_fold(&storage, &mut fx, 10).await;
+    assert_eq!(
+        cube0_analyzes(&pg.pool).await,
+        before,
+        "nothing outgrown yet"
+    );
+
+    sqlx::query(
+        "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
+         status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
+         cube, dimension, dimension_value) \
+         SELECT 'acme', i, 0, 0, '', '', '', 2, 'allowed', '', 1, 0, 1, 0, 0, 0, '', '' \
+         FROM generate_series(1, 30000) AS i",
+    )
+    .execute(&pg.pool)
+    .await
+    .unwrap();
+    write_and_fold(&storage, &mut fx, 10).await;
+    // The statistics view may show the count a moment after the ANALYZE.
+    let mut analyzed = cube0_analyzes(&pg.pool).await;
+    for _ in 0..50 {
+        if analyzed > before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        analyzed = cube0_analyzes(&pg.pool).await;
+    }
+    assert_eq!(
+        analyzed,
+        before + 1,
+        "the fold analyzed the grown partition"
+    );
+    let tuples: f32 =
+        sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE relname = 'rollups_cube0'")
+            .fetch_one(&pg.pool)
+            .await
+            .unwrap();
+    assert!(tuples >= 30_000.0, "statistics of {tuples} rows");
+    // Grown by less than double since: not again.
+    write_and_fold(&storage, &mut fx, 10).await;
+    assert_eq!(cube0_analyzes(&pg.pool).await, before + 1, "analyzed once");
+}
