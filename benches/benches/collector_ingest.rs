@@ -23,6 +23,8 @@
 //!
 //! Run: `cargo bench -p tollgate-benches --bench collector_ingest` (needs PostgreSQL's server
 //! binaries under /usr/lib/postgresql/*/bin; as root they run as the `postgres` user).
+//! `TOLLGATE_BENCH_ENGINES=sqlite` or `=postgres` runs one engine only (the other's column
+//! then prints NaN and zeros).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -451,13 +453,23 @@ fn process_cpu() -> Duration {
     Duration::from_nanos(ns)
 }
 
-async fn run_engine(name: &str, url: &str) -> EngineResult {
-    if std::env::var_os("TOLLGATE_BENCH_FOLD_ONLY").is_some() {
-        return EngineResult {
+impl EngineResult {
+    /// An engine this run leaves out (`TOLLGATE_BENCH_ENGINES`): every figure NaN or empty.
+    fn skipped() -> Self {
+        Self {
             fresh: f64::NAN,
             duplicate: f64::NAN,
             open: OpenLoop::default(),
+            folds: Vec::new(),
+        }
+    }
+}
+
+async fn run_engine(name: &str, url: &str) -> EngineResult {
+    if std::env::var_os("TOLLGATE_BENCH_FOLD_ONLY").is_some() {
+        return EngineResult {
             folds: fold_alone(name, url).await,
+            ..EngineResult::skipped()
         };
     }
     let server = start_server(url).await;
@@ -580,14 +592,25 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let dir = std::env::temp_dir().join(format!("tollgate-bench-sqlite-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let sqlite = run_engine("sqlite", &format!("sqlite://{}", dir.join("bench.db").display())).await;
-        let _ = std::fs::remove_dir_all(&dir);
+        let engines = std::env::var("TOLLGATE_BENCH_ENGINES").unwrap_or_default();
+        let wanted = |name: &str| engines.is_empty() || engines.split(',').any(|e| e.trim() == name);
+        let sqlite = if wanted("sqlite") {
+            let dir = std::env::temp_dir().join(format!("tollgate-bench-sqlite-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let sqlite = run_engine("sqlite", &format!("sqlite://{}", dir.join("bench.db").display())).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            sqlite
+        } else {
+            EngineResult::skipped()
+        };
 
-        let pg = Pg::start();
-        let postgres = run_engine("postgres", &pg.url()).await;
-        let copy = raw_copy_rate(&pg.url()).await;
+        let (postgres, copy) = if wanted("postgres") {
+            let pg = Pg::start();
+            let postgres = run_engine("postgres", &pg.url()).await;
+            (postgres, raw_copy_rate(&pg.url()).await)
+        } else {
+            (EngineResult::skipped(), f64::NAN)
+        };
 
         println!();
         println!("collector ingest ({BATCH}-event batches, {CLIENTS} closed-loop clients, 2 committers on PostgreSQL)");
