@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use chrono::format::{Fixed, Item, Numeric, Pad};
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::PgPool;
 use tollgate_core::event::UsageEvent;
@@ -45,6 +46,14 @@ fn date_of_day(day: i64) -> NaiveDate {
 fn field(out: &mut String, value: Option<&str>) {
     match value {
         None => out.push_str("\\N"),
+        // Nearly every value needs no escape: copied whole, not a char at a time.
+        Some(v)
+            if !v
+                .bytes()
+                .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
+        {
+            out.push_str(v)
+        }
         Some(v) => {
             for c in v.chars() {
                 match c {
@@ -111,6 +120,24 @@ async fn queue_batch(
     Ok(())
 }
 
+/// `%Y-%m-%dT%H:%M:%S%.6fZ`, laid out once: parsing the format string for every event was
+/// ~4 % of the collector's CPU under PostgreSQL ingest (`perf`).
+const COPY_TIMESTAMP: [Item<'static>; 13] = [
+    Item::Numeric(Numeric::Year, Pad::Zero),
+    Item::Literal("-"),
+    Item::Numeric(Numeric::Month, Pad::Zero),
+    Item::Literal("-"),
+    Item::Numeric(Numeric::Day, Pad::Zero),
+    Item::Literal("T"),
+    Item::Numeric(Numeric::Hour, Pad::Zero),
+    Item::Literal(":"),
+    Item::Numeric(Numeric::Minute, Pad::Zero),
+    Item::Literal(":"),
+    Item::Numeric(Numeric::Second, Pad::Zero),
+    Item::Fixed(Fixed::Nanosecond6),
+    Item::Literal("Z"),
+];
+
 fn copy_rows(events: &[&UsageEvent], received_at: DateTime<Utc>) -> String {
     use std::fmt::Write;
     let received = received_at.to_rfc3339();
@@ -122,7 +149,7 @@ fn copy_rows(events: &[&UsageEvent], received_at: DateTime<Utc>) -> String {
             out,
             "{}\t{}\t",
             e.id,
-            e.timestamp.format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            e.timestamp.format_with_items(COPY_TIMESTAMP.iter())
         );
         field(&mut out, Some(&e.org));
         out.push('\t');
@@ -679,5 +706,24 @@ mod tests {
         .unwrap();
         let row = copy_rows(&[&event], Utc::now());
         assert!(row.contains("\t2026-11-24T06:00:00.123456Z\t"), "{row}");
+    }
+
+    #[test]
+    fn copied_text_escapes_what_copy_would_read_as_structure() {
+        let event: UsageEvent = serde_json::from_value(serde_json::json!({
+            "id": "0190f6f0-0000-7000-8000-000000000001",
+            "timestamp": "2026-11-24T06:00:00Z",
+            "org": "acme", "plan": "pro", "method": "GET", "route": "/a\tb\\c\nd",
+            "status": 200, "latency_us": 1, "request_bytes": 0, "response_bytes": 0, "cost": 1,
+            "decision": "allowed", "edge": "envoy", "node": "n"
+        }))
+        .unwrap();
+        let row = copy_rows(&[&event], Utc::now());
+        let fields: Vec<&str> = row.trim_end_matches('\n').split('\t').collect();
+        assert_eq!(fields.len(), 20, "{row}");
+        assert_eq!(fields[1], "2026-11-24T06:00:00.000000Z");
+        assert_eq!(fields[2], "acme");
+        assert_eq!(fields[3], "\\N", "no user");
+        assert_eq!(fields[6], "/a\\tb\\\\c\\nd");
     }
 }
