@@ -1075,6 +1075,23 @@ mod sqlite_rollups_file {
     }
 }
 
+/// Stores `rows` one-call rollup rows of `org` in each of `cubes`, keyed 1..=rows.
+async fn fill_rollups(pool: &sqlx::PgPool, org: &str, rows: i64, cubes: &[i16]) {
+    sqlx::query(
+        "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
+         status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
+         cube, dimension, dimension_value) \
+         SELECT $1, i, 0, 0, '', '', '', 2, 'allowed', '', 1, 0, 1, 0, 0, c, '', '' \
+         FROM generate_series(1, $2) AS i, UNNEST($3::int2[]) AS c",
+    )
+    .bind(org)
+    .bind(rows)
+    .bind(cubes)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Rows read by sequential scans of the rollups' partitions so far, and index scans.
 async fn rollup_scans(pool: &sqlx::PgPool) -> (i64, i64) {
     sqlx::query_as(
@@ -1089,7 +1106,7 @@ async fn rollup_scans(pool: &sqlx::PgPool) -> (i64, i64) {
 /// A fold finds its rows through the primary key, one probe per key, however many keys it has
 /// and however big the table: left to itself, PostgreSQL hashed the whole table for a fold of
 /// some tens of thousands of keys, which took seconds on millions of rows and stalled folds in
-/// the ingest bench for 4 to 15 s.
+/// the ingest bench for 8 to 15 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_folds_probe_rows_by_key_instead_of_scanning_the_table() {
     let db = common::TestDb::new(Backend::Postgres).await;
@@ -1099,16 +1116,7 @@ async fn postgres_folds_probe_rows_by_key_instead_of_scanning_the_table() {
     };
     // Another org's rows make the table big enough that hashing it looks cheaper to the planner
     // than the fold's probes.
-    sqlx::query(
-        "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
-         status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
-         cube, dimension, dimension_value) \
-         SELECT 'filler', i, 0, 0, '', '', '', 2, 'allowed', '', 1, 0, 1, 0, 0, c, '', '' \
-         FROM generate_series(1, 150000) AS i, (VALUES (0), (2), (4), (7)) AS cubes(c)",
-    )
-    .execute(&pg.pool)
-    .await
-    .unwrap();
+    fill_rollups(&pg.pool, "filler", 150_000, &[0, 2, 4, 7]).await;
     sqlx::query("ANALYZE rollups")
         .execute(&pg.pool)
         .await
@@ -1200,16 +1208,7 @@ async fn postgres_folds_analyze_rollups_that_outgrew_their_statistics() {
         "nothing outgrown yet"
     );
 
-    sqlx::query(
-        "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
-         status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
-         cube, dimension, dimension_value) \
-         SELECT 'acme', i, 0, 0, '', '', '', 2, 'allowed', '', 1, 0, 1, 0, 0, 0, '', '' \
-         FROM generate_series(1, 30000) AS i",
-    )
-    .execute(&pg.pool)
-    .await
-    .unwrap();
+    fill_rollups(&pg.pool, "acme", 30_000, &[0]).await;
     write_and_fold(&storage, &mut fx, 10).await;
     // The statistics view may show the count a moment after the ANALYZE.
     let mut analyzed = cube0_analyzes(&pg.pool).await;
