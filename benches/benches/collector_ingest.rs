@@ -385,6 +385,10 @@ async fn open_loop(server: &Server, bodies: Vec<Arc<String>>) -> OpenLoop {
 
 struct EngineResult {
     fresh: f64,
+    /// This process's CPU per 1,000 events of the fresh phase: the collector's (SQLite's
+    /// included, PostgreSQL's server not) and the load generator's. Steadier than the rate on
+    /// a shared machine, for comparing builds.
+    fresh_cpu: Duration,
     duplicate: f64,
     open: OpenLoop,
     /// Each round's fold of `FOLD_EVENTS` queued events.
@@ -458,6 +462,7 @@ impl EngineResult {
     fn skipped() -> Self {
         Self {
             fresh: f64::NAN,
+            fresh_cpu: Duration::ZERO,
             duplicate: f64::NAN,
             open: OpenLoop::default(),
             folds: Vec::new(),
@@ -475,8 +480,16 @@ async fn run_engine(name: &str, url: &str) -> EngineResult {
     let server = start_server(url).await;
     eprintln!("[{name}] generating {CLOSED_BATCHES} batches of {BATCH}");
     let fresh_bodies = bodies(1, CLOSED_BATCHES);
+    let cpu_before = process_cpu();
     let (fresh, batches) = closed_loop(&server, &fresh_bodies, CLOSED_SECS).await;
-    eprintln!("[{name}] fresh: {fresh:.0} events/s ({batches} batches)");
+    let fresh_cpu = (process_cpu().saturating_sub(cpu_before) * 1_000)
+        .checked_div((batches * BATCH).max(1) as u32)
+        .unwrap_or_default();
+    eprintln!(
+        "[{name}] fresh: {fresh:.0} events/s ({batches} batches), this process's CPU per 1,000 \
+         events {}",
+        ms(fresh_cpu)
+    );
     let (duplicate, _) = closed_loop(&server, &fresh_bodies[..batches], CLOSED_SECS).await;
     eprintln!("[{name}] all-duplicate: {duplicate:.0} events/s");
     drop(fresh_bodies);
@@ -508,6 +521,7 @@ async fn run_engine(name: &str, url: &str) -> EngineResult {
     let folds = fold_alone(name, url).await;
     EngineResult {
         fresh,
+        fresh_cpu,
         duplicate,
         open,
         folds,
@@ -617,6 +631,7 @@ fn main() {
         println!("{:<44} {:>16} {:>16}", "", "SQLite", "PostgreSQL");
         let row = |label: &str, a: String, b: String| println!("{label:<44} {a:>16} {b:>16}");
         row("fresh, closed loop (events/s)", format!("{:.0}", sqlite.fresh), format!("{:.0}", postgres.fresh));
+        row("  CPU of this process per 1,000 events", ms(sqlite.fresh_cpu), ms(postgres.fresh_cpu));
         row("all-duplicate resend (events/s)", format!("{:.0}", sqlite.duplicate), format!("{:.0}", postgres.duplicate));
         row(
             "duplicate / fresh",
