@@ -26,6 +26,11 @@
 //! `TOLLGATE_BENCH_ENGINES=sqlite` or `=postgres` runs one engine only (the other's column
 //! then prints NaN and zeros).
 
+/// The collector binary's allocator (`collector/src/main.rs`), so the bench measures what
+/// ships.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
