@@ -1234,3 +1234,36 @@ async fn postgres_folds_analyze_rollups_that_outgrew_their_statistics() {
     write_and_fold(&storage, &mut fx, 10).await;
     assert_eq!(cube0_analyzes(&pg.pool).await, before + 1, "analyzed once");
 }
+
+/// A fold does not wait for a partition that autovacuum (or another replica) holds for
+/// vacuuming or analyzing: the partition's ANALYZE is skipped, and the fold goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_folds_do_not_wait_to_analyze_a_partition_being_vacuumed() {
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let storage = db.storage().await;
+    let Storage::Postgres(pg) = &storage else {
+        unreachable!("a PostgreSQL database")
+    };
+    fill_rollups(&pg.pool, "acme", 30_000, &[0]).await;
+    // The lock VACUUM and ANALYZE take, held as they would hold it.
+    let mut vacuum = pg.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE rollups_cube0 IN SHARE UPDATE EXCLUSIVE MODE")
+        .execute(&mut *vacuum)
+        .await
+        .unwrap();
+    let before = cube0_analyzes(&pg.pool).await;
+    let mut fx = Fixture::new(47);
+    // Bounded only so that a fold that waits fails the test instead of hanging it.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        write_and_fold(&storage, &mut fx, 10),
+    )
+    .await
+    .expect("the fold waited for the partition's lock");
+    assert_eq!(
+        cube0_analyzes(&pg.pool).await,
+        before,
+        "skipped, not analyzed"
+    );
+    vacuum.rollback().await.unwrap();
+}

@@ -457,9 +457,11 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?;
         for (partition,) in outgrown {
-            // The name comes from the catalog; quoted all the same.
+            // The name comes from the catalog; quoted all the same. SKIP_LOCKED: a partition
+            // that autovacuum (or another replica's fold) is vacuuming or analyzing is left to
+            // it, rather than holding this fold until it finishes.
             let quoted = format!("\"{}\"", partition.replace('"', "\"\""));
-            sqlx::query(&format!("ANALYZE {quoted}"))
+            sqlx::query(&format!("ANALYZE (SKIP_LOCKED) {quoted}"))
                 .execute(&self.pool)
                 .await?;
         }
