@@ -444,7 +444,7 @@ impl PgStore {
     /// fills) the planner assumes 200 distinct orgs, and for a young table it then finds the
     /// `(org, cube, …)` report index as cheap as the primary key: probing by it reads an org's
     /// whole cube for each key. In the ingest bench's first minute that made single folds of a
-    /// fresh database take 2 to 12 s. The sizes are read live, not from the statistics
+    /// fresh database take up to 12–14 s. The sizes are read live, not from the statistics
     /// collector (which lags by a second or more); doubling keeps the number of ANALYZEs
     /// logarithmic in the table's size, and autovacuum's own 10 % rule takes over from there.
     async fn analyze_outgrown_rollups(&self) -> Result<(), DbError> {
