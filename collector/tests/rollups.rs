@@ -1188,9 +1188,9 @@ async fn cube0_analyzes(pool: &sqlx::PgPool) -> i64 {
     .unwrap()
 }
 
-/// A fold first analyzes the rollup partitions that have outgrown their statistics (a new
-/// table that autovacuum has not analyzed yet), so its probes by key pick the primary key; the
-/// planner's guesses without statistics made folds read an org's whole cube per key.
+/// A fold analyzes the rollup partitions that have outgrown their statistics (a new table
+/// that autovacuum has not analyzed yet), so the next fold's probes by key pick the primary
+/// key; the planner's guesses without statistics made folds read an org's whole cube per key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_folds_analyze_rollups_that_outgrew_their_statistics() {
     let db = common::TestDb::new(Backend::Postgres).await;

@@ -389,9 +389,6 @@ impl PgStore {
     /// Folds up to `max` queued events into the rollups; returns how many. Rows are claimed
     /// with `FOR UPDATE SKIP LOCKED`, so folders on several replicas never take the same ones.
     pub(super) async fn fold(&self, max: usize) -> Result<usize, DbError> {
-        if let Err(e) = self.analyze_outgrown_rollups().await {
-            tracing::warn!(error = %e, "could not analyze the rollups; folding without");
-        }
         let mut tx = self.pool.begin().await?;
         // What an older collector queued one row per event goes first.
         let mut samples: Vec<Sample> = sqlx::query_as(
@@ -434,11 +431,15 @@ impl PgStore {
             upsert_deltas(&mut tx, &deltas).await?;
         }
         tx.commit().await?;
+        // After a fold that wrote rows, for the next one (an idle folder asks nothing).
+        if let Err(e) = self.analyze_outgrown_rollups().await {
+            tracing::warn!(error = %e, "could not analyze the rollups; folding without");
+        }
         Ok(samples.len())
     }
 
     /// Analyzes each rollup partition that has more than doubled on disk since its statistics
-    /// were taken, so the fold's probes by key use the primary key.
+    /// were taken, so the next fold's probes by key use the primary key.
     ///
     /// Without statistics (a new table: autovacuum first analyzes it a minute or more after it
     /// fills) the planner assumes 200 distinct orgs, and for a young table it then finds the
