@@ -567,14 +567,10 @@ async fn wait_for_a_lock_wait(pool: &sqlx::PgPool, who: &str) {
 /// checks, and commits once the write waits on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_event_stored_meanwhile_by_another_transaction_is_a_duplicate() {
-    let db = common::TestDb::new(Backend::Postgres).await;
-    let storage = db.storage().await;
-    let Storage::Postgres(pg) = &storage else {
-        unreachable!("a PostgreSQL database")
-    };
+    let (_db, storage, pool) = migrated_postgres().await;
     let mut fx = Fixture::new(5);
     let events = fx.events("acme", 3);
-    let mut other = pg.pool.begin().await.unwrap();
+    let mut other = pool.begin().await.unwrap();
     let columns = tollgate_collector::db::EVENT_COLUMNS;
     let mut copy = other
         .copy_in_raw(&format!("COPY events ({columns}) FROM STDIN"))
@@ -599,7 +595,7 @@ async fn postgres_an_event_stored_meanwhile_by_another_transaction_is_a_duplicat
         tokio::spawn(async move { storage.write_events(&events, Utc::now(), &[]).await })
     };
     // Commit only once the write is blocked on the other transaction's index entry.
-    wait_for_a_lock_wait(&pg.pool, "the write").await;
+    wait_for_a_lock_wait(&pool, "the write").await;
     other.commit().await.unwrap();
 
     let stored = write.await.unwrap().unwrap();
@@ -620,11 +616,7 @@ async fn postgres_an_event_stored_meanwhile_by_another_transaction_is_a_duplicat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_rollup_row_inserted_meanwhile_by_another_folder_is_added_to() {
     use tollgate_collector::rollup::{aggregate, Cube, Sample};
-    let db = common::TestDb::new(Backend::Postgres).await;
-    let storage = db.storage().await;
-    let Storage::Postgres(pg) = &storage else {
-        unreachable!("a PostgreSQL database")
-    };
+    let (_db, storage, pool) = migrated_postgres().await;
     let mut fx = Fixture::new(11);
     let events = fx.events("acme", 4);
     storage
@@ -637,7 +629,7 @@ async fn postgres_a_rollup_row_inserted_meanwhile_by_another_folder_is_added_to(
         .iter()
         .find(|(k, _, _)| k.cube == Cube::Org && k.granularity == Granularity::Day)
         .expect("an org row of the day");
-    let mut other = pg.pool.begin().await.unwrap();
+    let mut other = pool.begin().await.unwrap();
     sqlx::query(
         "INSERT INTO rollups (org, key_hash, granularity, bucket, user_id, route, method, \
          status_class, decision, rule, calls, errors, cost, request_bytes, response_bytes, \
@@ -659,7 +651,7 @@ async fn postgres_a_rollup_row_inserted_meanwhile_by_another_folder_is_added_to(
         let storage = storage.clone();
         tokio::spawn(async move { storage.fold(1_000).await })
     };
-    wait_for_a_lock_wait(&pg.pool, "the fold").await;
+    wait_for_a_lock_wait(&pool, "the fold").await;
     other.commit().await.unwrap();
     assert_eq!(fold.await.unwrap().unwrap(), 4);
 
@@ -668,7 +660,7 @@ async fn postgres_a_rollup_row_inserted_meanwhile_by_another_folder_is_added_to(
     )
     .bind(&key.org)
     .bind(hash)
-    .fetch_one(&pg.pool)
+    .fetch_one(&pool)
     .await
     .unwrap();
     assert_eq!(
@@ -678,7 +670,7 @@ async fn postgres_a_rollup_row_inserted_meanwhile_by_another_folder_is_added_to(
     );
     assert!(sketched, "the fold's latencies are merged into the row");
     // Every other row of the fold is there once, with the fold's own numbers.
-    let (rows, total) = rows_and_calls(&pg.pool, "acme").await;
+    let (rows, total) = rows_and_calls(&pool, "acme").await;
     assert_eq!(rows, deltas.len() as i64);
     assert_eq!(
         total,
@@ -1075,6 +1067,18 @@ mod sqlite_rollups_file {
     }
 }
 
+/// A fresh, migrated PostgreSQL database: its handle (dropping it ends the test's use of the
+/// database), its storage and its pool.
+async fn migrated_postgres() -> (common::TestDb, Storage, sqlx::PgPool) {
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let storage = db.storage().await;
+    let Storage::Postgres(pg) = &storage else {
+        unreachable!("a PostgreSQL database")
+    };
+    let pool = pg.pool.clone();
+    (db, storage, pool)
+}
+
 /// Stores `rows` one-call rollup rows of `org` in each of `cubes`, keyed 1..=rows.
 async fn fill_rollups(pool: &sqlx::PgPool, org: &str, rows: i64, cubes: &[i16]) {
     sqlx::query(
@@ -1109,18 +1113,11 @@ async fn rollup_scans(pool: &sqlx::PgPool) -> (i64, i64) {
 /// the ingest bench for 8 to 15 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_folds_probe_rows_by_key_instead_of_scanning_the_table() {
-    let db = common::TestDb::new(Backend::Postgres).await;
-    let storage = db.storage().await;
-    let Storage::Postgres(pg) = &storage else {
-        unreachable!("a PostgreSQL database")
-    };
+    let (_db, storage, pool) = migrated_postgres().await;
     // Another org's rows make the table big enough that hashing it looks cheaper to the planner
     // than the fold's probes.
-    fill_rollups(&pg.pool, "filler", 150_000, &[0, 2, 4, 7]).await;
-    sqlx::query("ANALYZE rollups")
-        .execute(&pg.pool)
-        .await
-        .unwrap();
+    fill_rollups(&pool, "filler", 150_000, &[0, 2, 4, 7]).await;
+    sqlx::query("ANALYZE rollups").execute(&pool).await.unwrap();
 
     // Events of 10,000 callers in one minute: tens of thousands of rollup rows per fold.
     let mut fx = Fixture::new(31);
@@ -1135,7 +1132,7 @@ async fn postgres_folds_probe_rows_by_key_instead_of_scanning_the_table() {
             .collect()
     };
     let (first, second) = (batch(10_000), batch(10_000));
-    let before = rollup_scans(&pg.pool).await;
+    let before = rollup_scans(&pool).await;
     // The first fold inserts the rows, the second (the same callers again) adds to them.
     for events in [&first, &second] {
         for chunk in events.chunks(1_000) {
@@ -1144,20 +1141,20 @@ async fn postgres_folds_probe_rows_by_key_instead_of_scanning_the_table() {
         assert_eq!(storage.fold(100_000).await.unwrap(), events.len());
     }
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rollups WHERE org = 'acme'")
-        .fetch_one(&pg.pool)
+        .fetch_one(&pool)
         .await
         .unwrap();
     assert!(rows >= 30_000, "a fold of {rows} keys is too few to test");
     // Statistics reach the view a second or so after a fold's commit: wait for the probes of
     // both folds (the first looks for every row, the second looks for and updates each).
     let probes = 3 * rows;
-    let mut after = rollup_scans(&pg.pool).await;
+    let mut after = rollup_scans(&pool).await;
     for _ in 0..50 {
         if after.1 - before.1 >= probes {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        after = rollup_scans(&pg.pool).await;
+        after = rollup_scans(&pool).await;
     }
     assert!(
         after.1 - before.1 >= probes,
@@ -1193,31 +1190,23 @@ async fn cube0_analyzes(pool: &sqlx::PgPool) -> i64 {
 /// key; the planner's guesses without statistics made folds read an org's whole cube per key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_folds_analyze_rollups_that_outgrew_their_statistics() {
-    let db = common::TestDb::new(Backend::Postgres).await;
-    let storage = db.storage().await;
-    let Storage::Postgres(pg) = &storage else {
-        unreachable!("a PostgreSQL database")
-    };
+    let (_db, storage, pool) = migrated_postgres().await;
     let mut fx = Fixture::new(41);
     // The migrations analyzed the empty table; a fold of a few rows leaves it be.
-    let before = cube0_analyzes(&pg.pool).await;
+    let before = cube0_analyzes(&pool).await;
     write_and_fold(&storage, &mut fx, 10).await;
-    assert_eq!(
-        cube0_analyzes(&pg.pool).await,
-        before,
-        "nothing outgrown yet"
-    );
+    assert_eq!(cube0_analyzes(&pool).await, before, "nothing outgrown yet");
 
-    fill_rollups(&pg.pool, "acme", 30_000, &[0]).await;
+    fill_rollups(&pool, "acme", 30_000, &[0]).await;
     write_and_fold(&storage, &mut fx, 10).await;
     // The statistics view may show the count a moment after the ANALYZE.
-    let mut analyzed = cube0_analyzes(&pg.pool).await;
+    let mut analyzed = cube0_analyzes(&pool).await;
     for _ in 0..50 {
         if analyzed > before {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        analyzed = cube0_analyzes(&pg.pool).await;
+        analyzed = cube0_analyzes(&pool).await;
     }
     assert_eq!(
         analyzed,
@@ -1226,32 +1215,28 @@ async fn postgres_folds_analyze_rollups_that_outgrew_their_statistics() {
     );
     let tuples: f32 =
         sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE relname = 'rollups_cube0'")
-            .fetch_one(&pg.pool)
+            .fetch_one(&pool)
             .await
             .unwrap();
     assert!(tuples >= 30_000.0, "statistics of {tuples} rows");
     // Grown by less than double since: not again.
     write_and_fold(&storage, &mut fx, 10).await;
-    assert_eq!(cube0_analyzes(&pg.pool).await, before + 1, "analyzed once");
+    assert_eq!(cube0_analyzes(&pool).await, before + 1, "analyzed once");
 }
 
 /// A fold does not wait for a partition that autovacuum (or another replica) holds for
 /// vacuuming or analyzing: the partition's ANALYZE is skipped, and the fold goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_folds_do_not_wait_to_analyze_a_partition_being_vacuumed() {
-    let db = common::TestDb::new(Backend::Postgres).await;
-    let storage = db.storage().await;
-    let Storage::Postgres(pg) = &storage else {
-        unreachable!("a PostgreSQL database")
-    };
-    fill_rollups(&pg.pool, "acme", 30_000, &[0]).await;
+    let (_db, storage, pool) = migrated_postgres().await;
+    fill_rollups(&pool, "acme", 30_000, &[0]).await;
     // The lock VACUUM and ANALYZE take, held as they would hold it.
-    let mut vacuum = pg.pool.begin().await.unwrap();
+    let mut vacuum = pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE rollups_cube0 IN SHARE UPDATE EXCLUSIVE MODE")
         .execute(&mut *vacuum)
         .await
         .unwrap();
-    let before = cube0_analyzes(&pg.pool).await;
+    let before = cube0_analyzes(&pool).await;
     let mut fx = Fixture::new(47);
     // Bounded only so that a fold that waits fails the test instead of hanging it.
     tokio::time::timeout(
@@ -1260,10 +1245,6 @@ async fn postgres_folds_do_not_wait_to_analyze_a_partition_being_vacuumed() {
     )
     .await
     .expect("the fold waited for the partition's lock");
-    assert_eq!(
-        cube0_analyzes(&pg.pool).await,
-        before,
-        "skipped, not analyzed"
-    );
+    assert_eq!(cube0_analyzes(&pool).await, before, "skipped, not analyzed");
     vacuum.rollback().await.unwrap();
 }

@@ -47,13 +47,7 @@ fn field(out: &mut String, value: Option<&str>) {
     match value {
         None => out.push_str("\\N"),
         // Nearly every value needs no escape: copied whole, not a char at a time.
-        Some(v)
-            if !v
-                .bytes()
-                .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
-        {
-            out.push_str(v)
-        }
+        Some(v) if !v.contains(['\\', '\t', '\n', '\r']) => out.push_str(v),
         Some(v) => {
             for c in v.chars() {
                 match c {
