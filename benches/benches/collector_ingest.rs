@@ -10,8 +10,8 @@
 //!    queueing (no coordinated omission). A probe posts one event of its own org every 100 ms and
 //!    polls `/v1/usage` until the rollups show it: visibility latency.
 //! 4. **fold alone**: with the service stopped, `FOLD_ROUNDS` times: `FOLD_EVENTS` events
-//!    written straight through the storage (no folder running), then one timed fold of them all
-//!    into the rollups — the fold's own cost, which under load sets how soon an event shows in
+//!    written straight through the storage (no folder running; the writes' CPU is printed per
+//!    1,000 events), then one timed fold of them all into the rollups — the fold's own cost, which under load sets how soon an event shows in
 //!    the rollups, without the load's noise. `TOLLGATE_BENCH_FOLD_ONLY=1` runs this phase alone
 //!    (and the raw COPY), for comparing two builds' folds quickly.
 //! 5. **raw COPY** (PostgreSQL): the same kind of rows COPYed straight into the same `events`
@@ -411,12 +411,15 @@ async fn fold_alone(name: &str, url: &str) -> Vec<Fold> {
     let mut rng = Rng(3);
     let mut folds = Vec::with_capacity(FOLD_ROUNDS);
     for _ in 0..FOLD_ROUNDS {
+        let mut write_cpu = Duration::ZERO;
         for _ in 0..FOLD_EVENTS / BATCH {
             let batch = events(&mut ids, &mut rng, BATCH);
+            let cpu_before = process_cpu();
             storage
                 .write_events(&batch, Utc::now(), &[])
                 .await
                 .expect("write");
+            write_cpu += process_cpu().saturating_sub(cpu_before);
         }
         let (started, cpu_before) = (Instant::now(), process_cpu());
         let folded = storage
@@ -426,6 +429,7 @@ async fn fold_alone(name: &str, url: &str) -> Vec<Fold> {
         folds.push(Fold {
             wall: started.elapsed(),
             cpu: process_cpu().saturating_sub(cpu_before),
+            write_cpu,
         });
         assert_eq!(folded, FOLD_EVENTS, "one fold takes the whole backlog");
     }
@@ -447,6 +451,10 @@ struct Fold {
     /// CPU time of this process's threads meanwhile: all of a SQLite fold's, the collector's
     /// side of a PostgreSQL one. Less moved by other load on a shared machine than `wall`.
     cpu: Duration,
+    /// The same for writing the fold's events beforehand, one 1,000-event batch per
+    /// transaction through the storage (no HTTP), generating them left out: the write path's
+    /// own cost.
+    write_cpu: Duration,
 }
 
 /// CPU time of this process's threads so far (their `schedstat`s, nanoseconds).
@@ -669,12 +677,14 @@ fn main() {
                 percentile(&sorted, 0.5)
             };
             let (wall, cpu) = (median(|f| f.wall), median(|f| f.cpu));
-            (ms(wall), format!("{:.0}", FOLD_EVENTS as f64 / wall.as_secs_f64()), ms(cpu))
+            let write = median(|f| f.write_cpu) * BATCH as u32 / FOLD_EVENTS as u32;
+            (ms(wall), format!("{:.0}", FOLD_EVENTS as f64 / wall.as_secs_f64()), ms(cpu), ms(write))
         };
         let (sqlite_fold, postgres_fold) = (fold(&sqlite), fold(&postgres));
         row(&format!("fold alone, {FOLD_EVENTS} events (median of {FOLD_ROUNDS})"), sqlite_fold.0, postgres_fold.0);
         row("  folded (events/s)", sqlite_fold.1, postgres_fold.1);
         row("  CPU of this process per fold", sqlite_fold.2, postgres_fold.2);
+        row("  writing them: CPU per 1,000 events", sqlite_fold.3, postgres_fold.3);
         row("raw COPY into events, 10k rows/txn (rows/s)", "-".into(), format!("{copy:.0}"));
     });
 }

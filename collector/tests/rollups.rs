@@ -831,8 +831,44 @@ async fn events_queued_by_an_older_collector_are_folded(backend: Backend) {
     assert_eq!(calls, 3, "{rows:?}");
 }
 
+/// A batch whose ids are partly stored already: in its first chunk of 1,000 one stored id among
+/// new ones, its second chunk starting with a stored id. Exactly the new events are stored and
+/// queued, and the rollups count every event once.
+async fn a_batch_mixing_stored_and_new_ids_stores_only_the_new(backend: Backend) {
+    let db = common::TestDb::new(backend).await;
+    let storage = db.storage().await;
+    let mut fx = Fixture::new(12);
+    let at = Utc::now() - Duration::minutes(5);
+    let stored: Vec<_> = (0..1_500).map(|_| fx.event("acme", at)).collect();
+    storage
+        .write_events(&stored, Utc::now(), &[])
+        .await
+        .unwrap();
+    storage.fold_all().await.unwrap();
+    let new: Vec<_> = (0..1_100).map(|_| fx.event("acme", at)).collect();
+    let mut batch = Vec::new();
+    batch.extend_from_slice(&new[..500]);
+    batch.push(stored[0].clone());
+    batch.extend_from_slice(&new[500..999]);
+    batch.push(stored[1].clone());
+    batch.extend_from_slice(&new[999..]);
+    let flags = storage.write_events(&batch, Utc::now(), &[]).await.unwrap();
+    let expected: Vec<bool> = (0..batch.len()).map(|i| i != 500 && i != 1_000).collect();
+    assert_eq!(flags, expected);
+    assert_eq!(storage.count_events("acme").await.unwrap().0, 2_600);
+    assert_eq!(storage.queued_for_rollup().await.unwrap(), 1_100);
+    storage.fold_all().await.unwrap();
+    let day = at.timestamp() - at.timestamp().rem_euclid(86_400);
+    let rows = storage
+        .rollup_rows("acme", Granularity::Day, day, day + 86_400)
+        .await
+        .unwrap();
+    assert_eq!(rows.iter().map(|r| r.values.calls).sum::<i64>(), 2_600);
+}
+
 backend_tests!(
     events_queued_by_an_older_collector_are_folded,
+    a_batch_mixing_stored_and_new_ids_stores_only_the_new,
     rollups_match_raw_events,
     rollups_split_by_rule,
     callers_are_backfilled_for_rows_folded_before_them
