@@ -161,10 +161,7 @@ async fn drain_rollups(server: &Server) -> (i64, Duration) {
 async fn start_server(url: &str) -> Server {
     let storage = Storage::connect(url, 16).await.expect("connect");
     storage.migrate().await.expect("migrate");
-    let committers = match storage {
-        Storage::Sqlite(_) => 1,
-        Storage::Postgres(_) => 2,
-    };
+    let committers = storage.default_committers();
     let (state, _writer) = build_state(storage.clone(), Limits::default(), None, committers);
     let ingest_key = tollgate_collector::api::create_key_record(&storage, "*", Role::Ingest, None)
         .await
@@ -640,7 +637,7 @@ fn main() {
         };
 
         println!();
-        println!("collector ingest ({BATCH}-event batches, {CLIENTS} closed-loop clients, 2 committers on PostgreSQL)");
+        println!("collector ingest ({BATCH}-event batches, {CLIENTS} closed-loop clients, the collector's default committers)");
         println!("{:<44} {:>16} {:>16}", "", "SQLite", "PostgreSQL");
         let row = |label: &str, a: String, b: String| println!("{label:<44} {a:>16} {b:>16}");
         row("fresh, closed loop (events/s)", format!("{:.0}", sqlite.fresh), format!("{:.0}", postgres.fresh));

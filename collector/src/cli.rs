@@ -90,7 +90,7 @@ pub struct ServeArgs {
     /// Events queued for commit before batches get 503.
     #[arg(long, env = "TOLLGATE_MAX_QUEUED_EVENTS", default_value_t = 200_000)]
     pub max_queued_events: usize,
-    /// Committer tasks (default: 1 on SQLite, 2 on PostgreSQL).
+    /// Committer tasks (default: 1 on SQLite, 4 on PostgreSQL).
     #[arg(long, env = "TOLLGATE_COMMITTERS")]
     pub committers: Option<usize>,
 }
@@ -463,10 +463,9 @@ async fn serve(storage: Storage, args: ServeArgs) -> Result<()> {
         max_queued_events: args.max_queued_events,
         ..Limits::default()
     };
-    let committers = args.committers.unwrap_or(match storage {
-        Storage::Sqlite(_) => 1,
-        Storage::Postgres(_) => 2,
-    });
+    let committers = args
+        .committers
+        .unwrap_or_else(|| storage.default_committers());
     let retention = limits.retention;
     let minute_retention = Duration::from_secs(args.minute_rollup_days * 86_400);
     let (state, writer_task) = build_state(storage.clone(), limits, policy, committers);

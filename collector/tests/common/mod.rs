@@ -295,7 +295,7 @@ pub async fn spawn_app_with(
 ) -> TestApp {
     let db = TestDb::new(backend).await;
     let storage = db.storage().await;
-    let committers = if backend == Backend::Postgres { 2 } else { 1 };
+    let committers = storage.default_committers();
     let (state, _task) = build_state(storage, limits, policy, committers);
     let router = app(state.clone());
     let mut app = TestApp {
