@@ -62,6 +62,30 @@ fn field(out: &mut String, value: Option<&str>) {
     }
 }
 
+/// Events per id looked up when deciding whether a group is resent
+/// ([`PgStore::write_events`]).
+const PROBE_STRIDE: usize = 500;
+
+/// The ids of `events` already stored. One primary-key probe per id, whatever the planner
+/// thinks of the array: the LIMIT keeps the lateral subquery from being flattened into a join,
+/// which with a bound array of thousands of ids chose a sequential scan (or a sort) of the
+/// whole day's partition.
+async fn stored_ids(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    events: &[&UsageEvent],
+) -> Result<HashSet<Uuid>, DbError> {
+    let known: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT t.id FROM UNNEST($1::timestamptz[], $2::uuid[]) AS t(ts, id) \
+         CROSS JOIN LATERAL (SELECT 1 FROM events e WHERE e.ts = t.ts AND e.id = t.id \
+         LIMIT 1) AS stored",
+    )
+    .bind(events.iter().map(|e| e.timestamp).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(known.into_iter().map(|(id,)| id).collect())
+}
+
 /// COPYs `text` (COPY text format) into `table (columns)`.
 async fn copy_in(
     conn: &mut sqlx::PgConnection,
@@ -274,20 +298,18 @@ impl PgStore {
         self.ensure_partitions(events.iter().map(|e| day_of(e.timestamp)))
             .await?;
         let mut tx = self.pool.begin().await?;
-        // Known (ts, id) first: a resent batch then skips COPY and the insert entirely.
-        // One primary-key probe per id, whatever the planner thinks of the array: the LIMIT
-        // keeps the lateral subquery from being flattened into a join, which with a bound array
-        // of thousands of ids chose a sequential scan (or a sort) of the whole day's partition.
-        let known: Vec<(Uuid,)> = sqlx::query_as(
-            "SELECT t.id FROM UNNEST($1::timestamptz[], $2::uuid[]) AS t(ts, id) \
-             CROSS JOIN LATERAL (SELECT 1 FROM events e WHERE e.ts = t.ts AND e.id = t.id \
-             LIMIT 1) AS stored",
-        )
-        .bind(events.iter().map(|e| e.timestamp).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await?;
-        let known: HashSet<Uuid> = known.into_iter().map(|(id,)| id).collect();
+        // Known ids first, but only for a group that looks resent: one in every
+        // `PROBE_STRIDE` events is looked up (so a resent client batch of that size or more is
+        // seen wherever it sits in the group), and only when one of those is stored are all
+        // of them. A fresh group (the common case) goes straight to COPY; should it hold a
+        // stored id after all, COPY fails on the unique index and the group takes the staging
+        // path below, which is right, only slower. A resent one skips COPY and the insert
+        // entirely. Looking every id up first cost the ingest bench ~15 % of its fresh rate.
+        let sample: Vec<&UsageEvent> = events.iter().step_by(PROBE_STRIDE).collect();
+        let mut known = stored_ids(&mut tx, &sample).await?;
+        if !known.is_empty() {
+            known = stored_ids(&mut tx, &events.iter().collect::<Vec<_>>()).await?;
+        }
         let fresh: Vec<&UsageEvent> = events.iter().filter(|e| !known.contains(&e.id)).collect();
         if fresh.is_empty() {
             tx.commit().await?;
