@@ -822,13 +822,17 @@ async fn events_queued_by_an_older_collector_are_folded(backend: Backend) {
     assert_eq!(storage.queued_for_rollup().await.unwrap(), 3);
     storage.fold_all().await.unwrap();
     assert_eq!(storage.queued_for_rollup().await.unwrap(), 0);
+    assert_eq!(day_calls(&storage, "acme", at).await, 3);
+}
+
+/// Calls in the day rollups of `org` for the day of `at`.
+async fn day_calls(storage: &Storage, org: &str, at: chrono::DateTime<Utc>) -> i64 {
     let day = at.timestamp() - at.timestamp().rem_euclid(86_400);
     let rows = storage
-        .rollup_rows("acme", Granularity::Day, day, day + 86_400)
+        .rollup_rows(org, Granularity::Day, day, day + 86_400)
         .await
         .unwrap();
-    let calls: i64 = rows.iter().map(|r| r.values.calls).sum();
-    assert_eq!(calls, 3, "{rows:?}");
+    rows.iter().map(|r| r.values.calls).sum()
 }
 
 /// A batch whose ids are partly stored already: in its first chunk of 1,000 one stored id among
@@ -858,12 +862,7 @@ async fn a_batch_mixing_stored_and_new_ids_stores_only_the_new(backend: Backend)
     assert_eq!(storage.count_events("acme").await.unwrap().0, 2_600);
     assert_eq!(storage.queued_for_rollup().await.unwrap(), 1_100);
     storage.fold_all().await.unwrap();
-    let day = at.timestamp() - at.timestamp().rem_euclid(86_400);
-    let rows = storage
-        .rollup_rows("acme", Granularity::Day, day, day + 86_400)
-        .await
-        .unwrap();
-    assert_eq!(rows.iter().map(|r| r.values.calls).sum::<i64>(), 2_600);
+    assert_eq!(day_calls(&storage, "acme", at).await, 2_600);
 }
 
 backend_tests!(
@@ -908,15 +907,6 @@ mod sqlite_rollups_file {
             .fetch_one(pool(storage))
             .await
             .unwrap()
-    }
-
-    async fn day_calls(storage: &Storage, org: &str, at: chrono::DateTime<Utc>) -> i64 {
-        let day = at.timestamp() - at.timestamp().rem_euclid(86_400);
-        let rows = storage
-            .rollup_rows(org, Granularity::Day, day, day + 86_400)
-            .await
-            .unwrap();
-        rows.iter().map(|r| r.values.calls).sum()
     }
 
     /// The point of the second file: a fold completes while an ingest transaction holds the
