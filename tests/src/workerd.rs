@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::{eventually, free_port, http_get, scratch_dir, send, workspace_root};
@@ -119,9 +119,26 @@ fn toml_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
+/// Times `Wrangler::start` tries a new port: a port found free can be bound by another
+/// process of the test run (its servers bind port 0) before wrangler binds it.
+const START_ATTEMPTS: usize = 3;
+
 impl Wrangler {
-    /// Starts `wrangler dev` and waits (bounded) until the worker answers.
+    /// Starts `wrangler dev` and waits (bounded) until the worker answers; on a port another
+    /// process took meanwhile, again on new ports.
     pub fn start(spec: &WorkerSpec) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(spec)? {
+                Ok(worker) => return Ok(worker),
+                Err(taken) if attempt >= START_ATTEMPTS => return Err(taken),
+                Err(_) => attempt += 1,
+            }
+        }
+    }
+
+    /// One start: the outer error fails the test, the inner says the port was taken.
+    fn start_once(spec: &WorkerSpec) -> Result<Result<Self>> {
         let node = node_binary()?;
         let wrangler = wrangler_js()?;
         let bundle = worker_bundle()?;
@@ -217,10 +234,21 @@ NODE = "e2e-worker"
             log_path,
             stopped: false,
         };
+        // Ready when wrangler says it listens on the port, not merely when something answers
+        // there: another process holding the port answered a readiness probe once while
+        // wrangler had already failed to bind it.
+        let listening = format!("Ready on http://127.0.0.1:{port}");
+        let mut taken = false;
         let ready = eventually(Duration::from_secs(90), || {
+            let log = std::fs::read_to_string(&worker.log_path).unwrap_or_default();
+            if log.contains("Address already in use") {
+                taken = true;
+                return Ok(());
+            }
             if let Ok(Some(status)) = worker.child.try_wait() {
                 bail!("wrangler exited with {status}");
             }
+            ensure!(log.contains(&listening), "wrangler is not listening yet");
             TcpStream::connect_timeout(
                 &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
                 Duration::from_millis(200),
@@ -228,13 +256,20 @@ NODE = "e2e-worker"
             send(&crate::client(), "GET", &worker.url("/healthz"), &[])?;
             Ok(())
         });
-        if let Err(error) = ready {
-            return Err(error.context(format!(
-                "wrangler dev did not become ready; log tail:\n{}",
-                worker.log_tail(40)
-            )));
+        let failure = match ready {
+            Ok(()) if !taken => return Ok(Ok(worker)),
+            Ok(()) => anyhow::anyhow!("port {port} was taken by another process"),
+            Err(error) => error,
+        };
+        let failure = failure.context(format!(
+            "wrangler dev did not become ready; log tail:\n{}",
+            worker.log_tail(40)
+        ));
+        if taken {
+            Ok(Err(failure))
+        } else {
+            Err(failure)
         }
-        Ok(worker)
     }
 
     /// `http://127.0.0.1:<port><path>`.
