@@ -129,7 +129,7 @@ impl Wrangler {
     pub fn start(spec: &WorkerSpec) -> Result<Self> {
         let mut attempt = 1;
         loop {
-            match Self::start_once(spec)? {
+            match Self::start_on(spec, free_port()?, free_port()?)? {
                 Ok(worker) => return Ok(worker),
                 Err(taken) if attempt >= START_ATTEMPTS => return Err(taken),
                 Err(_) => attempt += 1,
@@ -137,14 +137,13 @@ impl Wrangler {
         }
     }
 
-    /// One start: the outer error fails the test, the inner says the port was taken.
-    fn start_once(spec: &WorkerSpec) -> Result<Result<Self>> {
+    /// One start on `port` (and `inspector_port`): the outer error fails the test, the inner
+    /// says another process holds the port.
+    pub fn start_on(spec: &WorkerSpec, port: u16, inspector_port: u16) -> Result<Result<Self>> {
         let node = node_binary()?;
         let wrangler = wrangler_js()?;
         let bundle = worker_bundle()?;
         let dir = scratch_dir("wrangler")?;
-        let port = free_port()?;
-        let inspector_port = free_port()?;
         let origin = format!("http://127.0.0.1:{}", spec.origin_port);
         let config_url = spec
             .config_port

@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use serde_json::{json, Value};
 use tollgate_e2e::workerd::{WorkerSpec, Wrangler, CLOCK_HEADER};
-use tollgate_e2e::{eventually, key_hash, load, scratch_dir, send, tally, PolicyServer, Upstream};
+use tollgate_e2e::{
+    eventually, free_port, key_hash, load, scratch_dir, send, tally, PolicyServer, Upstream,
+};
 
 /// A fixed `now` (the test-only clock), so no window boundary falls inside a test.
 const NOW_MS: &str = "1800000000000";
@@ -174,6 +176,22 @@ fn the_cron_brings_a_new_policy_through_kv_and_refuses_a_bad_one() -> Result<()>
         r.header("x-ratelimit-limit") == Some("7"),
         "{:?}",
         r.headers
+    );
+    Ok(())
+}
+
+/// A port another process holds and answers HTTP on is not taken for wrangler's: the start
+/// says the port was taken (and `Wrangler::start` then tries new ports). It used to pass its
+/// readiness probe on the other server's answers while wrangler had failed to bind.
+#[test]
+fn a_start_on_a_port_another_server_holds_reports_it_taken() -> Result<()> {
+    let upstream = Upstream::start()?;
+    let config = PolicyServer::start(&document(5).to_string())?;
+    let spec = spec(&upstream, &config, scratch_dir("worker-taken")?);
+    let start = Wrangler::start_on(&spec, upstream.port, free_port()?)?;
+    ensure!(
+        start.is_err(),
+        "wrangler was taken as ready on a port it could not bind"
     );
     Ok(())
 }
