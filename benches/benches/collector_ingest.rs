@@ -11,8 +11,8 @@
 //!    polls `/v1/usage` until the rollups show it: visibility latency.
 //! 4. **fold alone**: with the service stopped, `FOLD_ROUNDS` times: `FOLD_EVENTS` events
 //!    written straight through the storage (no folder running; the writes' CPU is printed per
-//!    1,000 events), then one timed fold of them all into the rollups — the fold's own cost, which under load sets how soon an event shows in
-//!    the rollups, without the load's noise. `TOLLGATE_BENCH_FOLD_ONLY=1` runs this phase alone
+//!    1,000 events), then one timed fold of them all into the rollups — the fold's own cost,
+//!    which under load sets how soon an event shows in the rollups, without the load's noise. `TOLLGATE_BENCH_FOLD_ONLY=1` runs this phase alone
 //!    (and the raw COPY), for comparing two builds' folds quickly.
 //! 5. **raw COPY** (PostgreSQL): the same kind of rows COPYed straight into the same `events`
 //!    table (its unique index and partitions), 10,000 rows per transaction — the ceiling the

@@ -70,17 +70,17 @@ const PROBE_STRIDE: usize = 500;
 /// thinks of the array: the LIMIT keeps the lateral subquery from being flattened into a join,
 /// which with a bound array of thousands of ids chose a sequential scan (or a sort) of the
 /// whole day's partition.
-async fn stored_ids(
+async fn stored_ids<'a>(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    events: &[&UsageEvent],
+    events: impl Iterator<Item = &'a UsageEvent> + Clone,
 ) -> Result<HashSet<Uuid>, DbError> {
     let known: Vec<(Uuid,)> = sqlx::query_as(
         "SELECT t.id FROM UNNEST($1::timestamptz[], $2::uuid[]) AS t(ts, id) \
          CROSS JOIN LATERAL (SELECT 1 FROM events e WHERE e.ts = t.ts AND e.id = t.id \
          LIMIT 1) AS stored",
     )
-    .bind(events.iter().map(|e| e.timestamp).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
+    .bind(events.clone().map(|e| e.timestamp).collect::<Vec<_>>())
+    .bind(events.map(|e| e.id).collect::<Vec<_>>())
     .fetch_all(&mut **tx)
     .await?;
     Ok(known.into_iter().map(|(id,)| id).collect())
@@ -305,10 +305,9 @@ impl PgStore {
         // stored id after all, COPY fails on the unique index and the group takes the staging
         // path below, which is right, only slower. A resent one skips COPY and the insert
         // entirely. Looking every id up first cost the ingest bench ~15 % of its fresh rate.
-        let sample: Vec<&UsageEvent> = events.iter().step_by(PROBE_STRIDE).collect();
-        let mut known = stored_ids(&mut tx, &sample).await?;
+        let mut known = stored_ids(&mut tx, events.iter().step_by(PROBE_STRIDE)).await?;
         if !known.is_empty() {
-            known = stored_ids(&mut tx, &events.iter().collect::<Vec<_>>()).await?;
+            known = stored_ids(&mut tx, events.iter()).await?;
         }
         let fresh: Vec<&UsageEvent> = events.iter().filter(|e| !known.contains(&e.id)).collect();
         if fresh.is_empty() {

@@ -1,6 +1,7 @@
 //! SQLite's write path: prepared multi-row `INSERT`s in one transaction under the write lock
 //! (the ids looked up first only for a chunk that turns out to hold a stored one), the new
-//! events queued for the rollups in the same transaction; and the fold that moves queued events into the rollup rows (read, merge, write).
+//! events queued for the rollups in the same transaction; and the fold that moves queued events
+//! into the rollup rows (read, merge, write).
 //!
 //! The rollups live in a second file (`<database>.rollups`, attached to every connection as
 //! `rollupdb`), so a fold's writes and an ingest's writes take different write locks and run at
