@@ -225,6 +225,13 @@ impl Storage {
                 })
                 .connect_with(sqlite::connect_options(path))
                 .await?;
+            if !sqlite::keeps_no_memory_statistics(&mut *pool.acquire().await?).await? {
+                tracing::warn!(
+                    "this build's SQLite keeps memory statistics (a process-wide lock per \
+                     allocation; ingest is slower): build it with \
+                     LIBSQLITE3_FLAGS=-DSQLITE_DEFAULT_MEMSTATUS=0, as the workspace does"
+                );
+            }
             Ok(Storage::Sqlite(pool))
         }
     }

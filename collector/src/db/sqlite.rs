@@ -49,6 +49,21 @@ pub(super) fn connect_options(path: &str) -> SqliteConnectOptions {
         .pragma("mmap_size", "1073741824")
 }
 
+/// Whether this build's SQLite keeps no memory statistics (`SQLITE_DEFAULT_MEMSTATUS=0`, set
+/// for the workspace in `.cargo/config.toml`).
+///
+/// With them, every allocation and free inside SQLite takes one process-wide mutex, which the
+/// writer's and the folder's threads (and the runtime's, dropping rows) contend for: in the
+/// ingest bench that cost about a sixth of the fresh rate (collector/README.md). A build made
+/// outside the workspace (`cargo install --git`) does not read that file.
+pub(super) async fn keeps_no_memory_statistics(
+    conn: &mut SqliteConnection,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT sqlite_compileoption_used('DEFAULT_MEMSTATUS=0')")
+        .fetch_one(conn)
+        .await
+}
+
 /// The rollups' file of the database at `path`.
 pub(super) fn rollups_path(path: &str) -> String {
     format!("{path}.rollups")
@@ -688,4 +703,19 @@ async fn write_deltas(
         q.build().execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn this_build_of_sqlite_keeps_no_memory_statistics() {
+        let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        assert!(
+            keeps_no_memory_statistics(&mut conn).await.unwrap(),
+            "SQLite was built without SQLITE_DEFAULT_MEMSTATUS=0: is LIBSQLITE3_FLAGS still set \
+             in .cargo/config.toml?"
+        );
+    }
 }
