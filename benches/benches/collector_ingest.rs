@@ -14,7 +14,7 @@
 //!    1,000 events), then one timed fold of them all into the rollups — the fold's own cost,
 //!    which under load sets how soon an event shows in the rollups, without the load's noise. `TOLLGATE_BENCH_FOLD_ONLY=1` runs this phase alone
 //!    (and the raw COPY), for comparing two builds' folds quickly.
-//! 5. **raw COPY** (PostgreSQL): the same kind of rows COPYed straight into the same `events`
+//! 5. **raw COPY** (PostgreSQL): the same kind of rows COPYed (binary, as ingest sends them) straight into the same `events`
 //!    table (its unique index and partitions), 10,000 rows per transaction — the ceiling the
 //!    ingest path is measured against.
 //!
@@ -591,18 +591,21 @@ async fn raw_copy_rate(url: &str) -> f64 {
     };
     let mut ids = EventIdGenerator::new(7);
     let mut rng = Rng(7);
-    let texts: Vec<String> = (0..COPY_ROWS / 10_000)
-        .map(|_| tollgate_collector::db::copy_text(&events(&mut ids, &mut rng, 10_000)))
+    // The encoding the ingest path sends (COPY's binary format).
+    let chunks: Vec<Vec<u8>> = (0..COPY_ROWS / 10_000)
+        .map(|_| tollgate_collector::db::copy_binary(&events(&mut ids, &mut rng, 10_000)))
         .collect();
     let columns = tollgate_collector::db::EVENT_COLUMNS;
     let started = Instant::now();
-    for text in &texts {
+    for chunk in &chunks {
         let mut tx = pg.pool.begin().await.expect("begin");
         let mut copy = tx
-            .copy_in_raw(&format!("COPY events ({columns}) FROM STDIN"))
+            .copy_in_raw(&format!(
+                "COPY events ({columns}) FROM STDIN (FORMAT binary)"
+            ))
             .await
             .expect("copy");
-        copy.send(text.as_bytes()).await.expect("send");
+        copy.send(chunk.as_slice()).await.expect("send");
         copy.finish().await.expect("finish");
         tx.commit().await.expect("commit");
     }

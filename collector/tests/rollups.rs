@@ -573,10 +573,12 @@ async fn postgres_an_event_stored_meanwhile_by_another_transaction_is_a_duplicat
     let mut other = pool.begin().await.unwrap();
     let columns = tollgate_collector::db::EVENT_COLUMNS;
     let mut copy = other
-        .copy_in_raw(&format!("COPY events ({columns}) FROM STDIN"))
+        .copy_in_raw(&format!(
+            "COPY events ({columns}) FROM STDIN (FORMAT binary)"
+        ))
         .await
         .unwrap();
-    copy.send(tollgate_collector::db::copy_text(&events[..1]).as_bytes())
+    copy.send(tollgate_collector::db::copy_binary(&events[..1]).as_slice())
         .await
         .unwrap();
     copy.finish().await.unwrap();

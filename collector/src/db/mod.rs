@@ -72,7 +72,7 @@ use uuid::Uuid;
 use crate::auth::KeyRecord;
 use crate::rollup::{Cube, Granularity};
 
-pub use postgres::{copy_text, PgStore, EVENT_COLUMNS};
+pub use postgres::{copy_binary, PgStore, EVENT_COLUMNS};
 
 /// What storage can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +90,10 @@ pub enum DbError {
     /// queued, so a fixed collector folds it later.
     #[error("rollup samples: {0}")]
     Samples(#[from] postcard::Error),
+    /// An event that does not fit the schema's column types (PostgreSQL's binary COPY);
+    /// ingest's bounds keep every accepted event within them.
+    #[error("event encoding: {0}")]
+    Encode(String),
     /// Another process folded the same SQLite database meanwhile; this fold wrote nothing.
     #[error(
         "another process folds this SQLite database: serve each SQLite file from one collector"
