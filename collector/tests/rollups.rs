@@ -561,6 +561,43 @@ async fn wait_for_a_lock_wait(pool: &sqlx::PgPool, who: &str) {
     }
 }
 
+/// A resent batch is found stored id by id, each day's ids in that day's partition, so it
+/// never reaches COPY: its ids are not COPYed again (which would fail on the unique index and
+/// send the group through the staging table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_resent_batch_over_two_days_is_found_stored_before_any_copy() {
+    let (_db, storage, pool) = migrated_postgres().await;
+    let mut fx = Fixture::new(6);
+    let now = Utc::now();
+    // The sampled lookup probes the first event; the rest span yesterday and today.
+    let events: Vec<UsageEvent> = (0..6)
+        .map(|i| {
+            fx.event(
+                "acme",
+                now - Duration::days(1 - i % 2) - Duration::minutes(i),
+            )
+        })
+        .collect();
+    let first = storage.write_events(&events, now, &[]).await.unwrap();
+    assert_eq!(first, vec![true; 6]);
+    let again = storage.write_events(&events, now, &[]).await.unwrap();
+    assert_eq!(again, vec![false; 6]);
+    let staging: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM pg_class WHERE relname = 'staging_events'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        staging, 0,
+        "the resent batch went through the staging table"
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 6);
+}
+
 /// PostgreSQL's fast path COPYs events it has just checked are new; an id that another
 /// transaction stores in between makes COPY fail, and the group goes again through the path that
 /// skips stored ids. Forced here: the other transaction holds the id uncommitted while the write
