@@ -1,8 +1,9 @@
-//! PostgreSQL's write path: COPY into a per-connection staging table, then one statement that
-//! inserts into the day-partitioned events table (`ON CONFLICT DO NOTHING`) and queues exactly
-//! the new events for the rollups — one transaction, so a retried event is never counted twice
-//! nor zero times. The fold claims queued events, locks their rollup rows in one global order,
-//! merges and writes them, and deletes the claimed events, again in one transaction; several
+//! PostgreSQL's write path: ids looked up when a sample of them is stored, the rest COPYed
+//! (binary) straight into the day-partitioned events table and queued for the rollups in the
+//! same transaction; a group holding an id stored meanwhile goes again through a staging table
+//! and `INSERT … ON CONFLICT DO NOTHING`. So a retried event is never counted twice nor zero
+//! times. The fold claims queued events, locks their rollup rows in one global order, merges
+//! and writes them, and deletes the claimed events, again in one transaction; several
 //! collector replicas can do all of this against one server.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
