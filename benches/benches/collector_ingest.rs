@@ -613,6 +613,8 @@ async fn raw_copy_rate(url: &str) -> f64 {
 }
 
 fn main() {
+    // As the collector binary does.
+    tollgate_collector::allocator::keep_freed_memory_longer();
     // `cargo bench` passes `--bench`; this harness takes no arguments.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,6 +5,7 @@
 //! `main.rs` only parses the command line and calls [`cli::run`]; everything else lives here so
 //! that tests drive the same [`api::app`] the binary serves.
 
+pub mod allocator;
 pub mod api;
 pub mod auth;
 pub mod cli;

@@ -10,6 +10,10 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    // Before tracing is set up, hence stderr.
+    if !tollgate_collector::allocator::keep_freed_memory_longer() {
+        eprintln!("warning: unknown mimalloc release; its purge delay is left at its default");
+    }
     let cli = tollgate_collector::cli::Cli::parse();
     tollgate_collector::cli::run(cli)
 }
