@@ -12,11 +12,12 @@
 //! 4. **fold alone**: with the service stopped, `FOLD_ROUNDS` times: `FOLD_EVENTS` events
 //!    written straight through the storage (no folder running; the writes' CPU is printed per
 //!    1,000 events), then one timed fold of them all into the rollups — the fold's own cost,
-//!    which under load sets how soon an event shows in the rollups, without the load's noise. `TOLLGATE_BENCH_FOLD_ONLY=1` runs this phase alone
-//!    (and the raw COPY), for comparing two builds' folds quickly.
-//! 5. **raw COPY** (PostgreSQL): the same kind of rows COPYed (binary, as ingest sends them) straight into the same `events`
-//!    table (its unique index and partitions), 10,000 rows per transaction — the ceiling the
-//!    ingest path is measured against.
+//!    which under load sets how soon an event shows in the rollups, without the load's noise.
+//!    `TOLLGATE_BENCH_FOLD_ONLY=1` runs this phase alone (and the raw COPY), for comparing two
+//!    builds' folds quickly.
+//! 5. **raw COPY** (PostgreSQL): the same kind of rows COPYed (binary, as ingest sends them)
+//!    straight into the same `events` table (its unique index and partitions), 10,000 rows per
+//!    transaction — the ceiling the ingest path is measured against.
 //!
 //! Both engines run with full durability: SQLite in WAL with `synchronous=FULL`, PostgreSQL with
 //! `fsync=on` and `synchronous_commit=on`. Load generator and server share the machine's cores.
@@ -593,7 +594,10 @@ async fn raw_copy_rate(url: &str) -> f64 {
     let mut rng = Rng(7);
     // The encoding the ingest path sends (COPY's binary format).
     let chunks: Vec<Vec<u8>> = (0..COPY_ROWS / 10_000)
-        .map(|_| tollgate_collector::db::copy_binary(&events(&mut ids, &mut rng, 10_000)))
+        .map(|_| {
+            tollgate_collector::db::copy_binary(&events(&mut ids, &mut rng, 10_000))
+                .expect("bench events fit the schema")
+        })
         .collect();
     let columns = tollgate_collector::db::EVENT_COLUMNS;
     let started = Instant::now();

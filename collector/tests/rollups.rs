@@ -615,9 +615,13 @@ async fn postgres_an_event_stored_meanwhile_by_another_transaction_is_a_duplicat
         ))
         .await
         .unwrap();
-    copy.send(tollgate_collector::db::copy_binary(&events[..1]).as_slice())
-        .await
-        .unwrap();
+    copy.send(
+        tollgate_collector::db::copy_binary(&events[..1])
+            .unwrap()
+            .as_slice(),
+    )
+    .await
+    .unwrap();
     copy.finish().await.unwrap();
     sqlx::query(
         "INSERT INTO rollup_queue (ts, org, user_id, route, method, status, decision, \

@@ -767,8 +767,8 @@ async fn update_rows(
 /// For the bench's raw COPY rate: `events` as COPY binary rows (`COPY … FROM STDIN (FORMAT
 /// binary)` into [`EVENT_COLUMNS`]).
 #[doc(hidden)]
-pub fn copy_binary(events: &[UsageEvent]) -> Vec<u8> {
-    copy_rows(&events.iter().collect::<Vec<_>>(), Utc::now()).unwrap_or_default()
+pub fn copy_binary(events: &[UsageEvent]) -> Result<Vec<u8>, DbError> {
+    copy_rows(&events.iter().collect::<Vec<_>>(), Utc::now())
 }
 
 #[cfg(test)]
