@@ -240,6 +240,18 @@ impl Storage {
         }
     }
 
+    /// The storage the rollup folder uses on its own thread ([`crate::rollup_worker::spawn`]).
+    /// On PostgreSQL a pool of its own with the same connection options (two connections,
+    /// opened on first use), so that no connection is driven by two runtimes; SQLite's
+    /// connections each run on a thread of their own, so its pool is shared. Call it on the
+    /// runtime that will use it.
+    pub fn for_folder(&self) -> Storage {
+        match self {
+            Storage::Sqlite(pool) => Storage::Sqlite(pool.clone()),
+            Storage::Postgres(pg) => Storage::Postgres(pg.with_own_pool(2)),
+        }
+    }
+
     /// How many committer tasks `serve` starts unless told otherwise.
     ///
     /// SQLite: one, its writes serialise anyway. PostgreSQL: four, so some groups' COPYs run

@@ -8,10 +8,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::encode::IsNull;
-use sqlx::postgres::PgArgumentBuffer;
+use sqlx::postgres::{PgArgumentBuffer, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::PgPool;
 use tollgate_core::event::UsageEvent;
@@ -269,6 +270,18 @@ impl PgStore {
             pool,
             partitions: Arc::default(),
         }
+    }
+
+    /// A store with this one's connection options over a pool of its own, of at most `max`
+    /// connections opened on first use (so on the runtime that first uses them).
+    pub(super) fn with_own_pool(&self, max: u32) -> Self {
+        let options = (*self.pool.connect_options()).clone();
+        Self::new(
+            PgPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options),
+        )
     }
 
     /// Creates the partitions of yesterday, today and tomorrow (at start, so the first batch
