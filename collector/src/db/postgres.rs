@@ -571,8 +571,16 @@ type Sketch = Option<Vec<u8>>;
 /// for the hot, newest buckets a fold touches). JIT is off too: at those estimated costs it
 /// compiled each statement for a further ~0.23 s. Which index the probes use is left to
 /// statistics ([`PgStore::analyze_outgrown_rollups`]).
+///
+/// `work_mem` is raised for the same transaction: the statements' unnested key lists (the
+/// sketches among them) and the lock order's sort are a few MB per fold, over the server's
+/// default 4 MB, and were written to temporary files and read back (`BufFileWrite` and
+/// `BufFileRead` waits in `pg_stat_activity` at 100k events/s). 64 MB is some twenty times
+/// what the lock order's sort of a ~13,000-row fold used (2–3 MB, `EXPLAIN ANALYZE`); it is
+/// a limit per sort or list, taken only while a fold runs.
 const FOLD_PLANNER_SETTINGS: &str = "SELECT set_config('enable_hashjoin', 'off', true), \
-     set_config('enable_mergejoin', 'off', true), set_config('jit', 'off', true)";
+     set_config('enable_mergejoin', 'off', true), set_config('jit', 'off', true), \
+     set_config('work_mem', '64MB', true)";
 
 /// Adds fold deltas to their rollup rows, creating the missing ones; `deltas` are in (org,
 /// hash) order, so concurrent folders lock and insert rows in the same order.
