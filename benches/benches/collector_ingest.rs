@@ -567,8 +567,9 @@ impl Pg {
             &pg.dir,
             as_postgres,
             port,
-            "-c shared_buffers=512MB -c max_wal_size=8GB",
+            "-c shared_buffers=512MB -c max_wal_size=8GB -c min_wal_size=2GB",
         );
+        cluster::recycle_wal(&pg.bin, &pg.dir, as_postgres, port, 128);
         pg
     }
 
