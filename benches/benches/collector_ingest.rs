@@ -20,7 +20,9 @@
 //!    transaction — the ceiling the ingest path is measured against.
 //!
 //! Both engines run with full durability: SQLite in WAL with `synchronous=FULL`, PostgreSQL with
-//! `fsync=on` and `synchronous_commit=on`. Load generator and server share the machine's cores.
+//! `fsync=on` and `synchronous_commit=on`, its WAL segments written and recycled ahead as on a
+//! server that has been running (`cluster::recycle_wal`). Load generator and server share the
+//! machine's cores.
 //!
 //! Run: `cargo bench -p tollgate-benches --bench collector_ingest` (needs PostgreSQL's server
 //! binaries under /usr/lib/postgresql/*/bin; as root they run as the `postgres` user).
