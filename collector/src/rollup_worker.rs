@@ -66,52 +66,43 @@ impl FoldSignal {
 /// opened by the folder would stall a committer that took it whenever the folder's thread was
 /// busy.
 pub fn spawn(storage: Storage, metrics: Arc<Metrics>, signal: Arc<FoldSignal>) -> JoinHandle<()> {
-    let runtime = tokio::runtime::Handle::current();
+    let service = tokio::runtime::Handle::current();
     let (done, finished) = tokio::sync::oneshot::channel::<()>();
-    // The work goes over a channel so that, should the thread not start, it is still here
-    // to run on the service's runtime instead.
-    let (work, start) =
-        std::sync::mpsc::sync_channel::<(Storage, Arc<Metrics>, Arc<FoldSignal>)>(1);
+    // Clones go to the thread, so that the originals are still here should it not start.
+    let (s, m, sig) = (storage.clone(), metrics.clone(), signal.clone());
     let thread = std::thread::Builder::new()
         .name("tollgate-folder".into())
         .spawn(move || {
-            if let Ok((storage, metrics, signal)) = start.recv() {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(own) => {
                     // Inside the runtime: the folder's pool belongs to it.
-                    Ok(own) => own.block_on(async move {
-                        run(storage.for_folder(), metrics, signal).await;
-                    }),
-                    Err(e) => {
-                        tracing::warn!(
-                            error = %e,
-                            "no runtime for the folder's thread; folding on the service's"
-                        );
-                        runtime.block_on(run(storage, metrics, signal));
-                    }
+                    own.block_on(async move { run(s.for_folder(), m, sig).await });
+                    let _ = done.send(());
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "no runtime for the folder's thread; folding on the service's"
+                    );
+                    service.spawn(async move {
+                        run(s, m, sig).await;
+                        let _ = done.send(());
+                    });
                 }
             }
-            let _ = done.send(());
         });
     match thread {
-        Ok(_)
-            if work
-                .send((storage.clone(), metrics.clone(), signal.clone()))
-                .is_ok() =>
-        {
-            tokio::spawn(async move {
-                let _ = finished.await;
-            })
-        }
-        other => {
-            if let Err(e) = other {
-                tracing::warn!(
-                    error = %e,
-                    "no thread for the folder; folding on the service's runtime"
-                );
-            }
+        Ok(_) => tokio::spawn(async move {
+            let _ = finished.await;
+        }),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "no thread for the folder; folding on the service's runtime"
+            );
             tokio::spawn(run(storage, metrics, signal))
         }
     }
