@@ -177,6 +177,11 @@ impl Cube {
         self == Cube::Route
     }
 
+    /// Whether its rows keep either sketch: what a fold reads back and merges.
+    pub fn keeps_any_sketch(self) -> bool {
+        self.keeps_sketch() || self.keeps_users()
+    }
+
     /// Whether it has rows of granularity `g`.
     ///
     /// The endpoint and route cubes have no minute rows: a minute holds about one row per event

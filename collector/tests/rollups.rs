@@ -1079,6 +1079,51 @@ mod sqlite_rollups_file {
         assert_eq!(day_calls(&storage, "acme", at).await, 14);
     }
 
+    /// The folder holds the buckets it folds into whole (every row, not only the last fold's),
+    /// and takes a row it does not hold in such a bucket for a new one: a row an earlier fold
+    /// wrote and the last one left alone keeps its sketch; so does a row of a bucket that
+    /// had rows before the folder first wrote into it (it is read back).
+    #[tokio::test]
+    async fn a_row_the_last_fold_left_alone_keeps_its_sketch() {
+        let db = common::TestDb::new(Backend::Sqlite).await;
+        let storage = db.storage().await;
+        let mut fx = Fixture::new(26);
+        let at = Utc::now() - Duration::minutes(2);
+        let mut on = |route: &str, n: usize| -> Vec<UsageEvent> {
+            (0..n)
+                .map(|_| UsageEvent {
+                    route: route.into(),
+                    ..fx.event("acme", at)
+                })
+                .collect()
+        };
+        let mut folds = vec![on("/a", 2), on("/b", 1), on("/b", 1), on("/a", 1)];
+        // Between them, a prune (which forgets what the folder holds; it deletes no row here):
+        // the rows of /a are then in buckets that had rows before the folder held them.
+        folds.push(on("/b", 1));
+        folds.push(on("/a", 3));
+        for (i, events) in folds.into_iter().enumerate() {
+            if i == 4 {
+                storage
+                    .prune(
+                        Utc::now() - Duration::days(365),
+                        Utc::now() - Duration::days(30),
+                    )
+                    .await
+                    .unwrap();
+            }
+            storage
+                .write_events(&events, Utc::now(), &[])
+                .await
+                .unwrap();
+            storage.fold_all().await.unwrap();
+            for g in Granularity::ALL {
+                sketches_match_calls(&storage, g, at).await;
+            }
+        }
+        assert_eq!(day_calls(&storage, "acme", at).await, 9);
+    }
+
     /// A rollups file newer than the main file beside it (a mismatched restore): its mark is
     /// past every batch seq the main file has handed out. New batches still get counted.
     #[tokio::test]

@@ -452,9 +452,14 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
     }
     let deltas = rollup::aggregate(&samples);
     let file = database_file(pool);
-    let cached = take_cached_sketches(&file, (queue_done, batches_done));
-    let sketches = merged_sketches(&mut conn, &deltas, cached.as_ref()).await?;
-    drop(cached);
+    let mut cache =
+        take_sketch_cache(&file, (queue_done, batches_done)).unwrap_or_else(|| SketchCache {
+            file,
+            marks: (queue_done, batches_done),
+            rows: SketchRows::default(),
+            whole: HashSet::new(),
+        });
+    let sketches = merged_sketches(&mut conn, &deltas, Some(&mut cache)).await?;
 
     // Deferred: the first write locks the rollups' file only.
     let mut tx = conn.begin().await?;
@@ -480,20 +485,12 @@ pub(super) async fn fold(pool: &SqlitePool, max: usize) -> Result<usize, DbError
         }
     }
     tx.commit().await?;
-    let rows = deltas
-        .iter()
-        .zip(sketches)
-        .filter(|((key, _, _), _)| key.cube.keeps_sketch())
-        .map(|((key, hash, _), sketches)| (row_key(key, *hash), sketches))
-        .collect();
-    *SKETCH_CACHE.lock().unwrap_or_else(|e| e.into_inner()) = Some(SketchCache {
-        file,
-        marks: (
-            queue_last.unwrap_or(queue_done),
-            batch_last.unwrap_or(batches_done),
-        ),
-        rows,
-    });
+    cache.marks = (
+        queue_last.unwrap_or(queue_done),
+        batch_last.unwrap_or(batches_done),
+    );
+    cache.keep(&deltas, sketches);
+    *SKETCH_CACHE.lock().unwrap_or_else(|e| e.into_inner()) = Some(cache);
     Ok(samples.len())
 }
 
@@ -567,19 +564,64 @@ fn row_key(key: &RollupKey, hash: i64) -> RowKey {
     )
 }
 
-/// The sketches the last fold wrote, for the next one. At 100k events/s a fold merges into
-/// ~24k rows that keep sketches, nearly all of them the rows the fold before wrote (this
-/// minute's, hour's, day's and week's), and reading their stored sketches back took 0.24–0.36 s
-/// of a ~0.9 s fold. Sound only because this process is the database's only writer of
-/// rollups (one collector process per SQLite file, one folder by [`FOLD_LOCK`]): the cache is
-/// used only while the progress marks are those its fold committed, and every other write of
-/// rollups (prune, backfill, the move) drops it.
+/// The stored sketches of the buckets the last fold wrote into, for the next one. At 100k
+/// events/s a fold merges into ~24k rows that keep sketches, nearly all of them in the buckets
+/// the fold before wrote (this minute's, hour's, day's and week's), and reading their stored
+/// sketches back took 0.24–0.36 s of a ~0.9 s fold. Sound only because this process is the
+/// database's only writer of rollups (one collector process per SQLite file, one folder by
+/// [`FOLD_LOCK`]): the cache is used only while the progress marks are those its fold
+/// committed, and every other write of rollups (prune, backfill, the move) drops it.
 struct SketchCache {
     /// The database (main file) it belongs to.
     file: String,
     /// The progress marks its fold committed.
     marks: (i64, i64),
-    rows: HashMap<RowKey, Sketches>,
+    /// Rows of the cubes that keep sketches, as stored.
+    rows: SketchRows,
+    /// Buckets (granularity code, bucket) all of whose rows are in `rows`: they held none when
+    /// a fold first wrote into them under this cache, and every fold since kept the rows it
+    /// wrote. A row of theirs not in `rows` is new, with nothing to read back.
+    ///
+    /// Without it, each fold of the ingest bench read back ~2,000 rows that did not exist
+    /// (keys the fold before had no event for): with it, a fold's sketch phase under load
+    /// took 37–41 ms on average instead of 56–62 (`benches/README.md`, item 12).
+    whole: HashSet<(i16, i64)>,
+}
+
+/// Most rows the cache holds (~100 MB with sketches of a kilobyte; the ingest bench's folds
+/// keep ~15,000): past it, it is dropped, and the next fold reads back what it merges into, as
+/// after a restart.
+const SKETCH_CACHE_ROWS: usize = 100_000;
+
+/// The cache's map. Every fold hashes each row's key into it: foldhash (randomly seeded, as
+/// `rollup::aggregate`'s maps) rather than std's SipHash, which is slower on these keys.
+type SketchRows = HashMap<RowKey, Sketches, foldhash::fast::RandomState>;
+
+impl SketchCache {
+    /// Keeps what a fold wrote (`sketches`, of `deltas`' rows) and, of what it held before,
+    /// the rows of the buckets that fold wrote into: buckets time has moved past are let go
+    /// (and are no longer whole).
+    fn keep(&mut self, deltas: &[(RollupKey, i64, Delta)], sketches: Vec<Sketches>) {
+        // A fold writes into a handful of buckets (this minute, hour, day and week, and
+        // those of late events).
+        let mut written: Vec<(i16, i64)> = Vec::new();
+        for ((key, hash, _), sketches) in deltas.iter().zip(sketches) {
+            if key.cube.keeps_any_sketch() {
+                let bucket = (key.granularity.code(), key.bucket);
+                if !written.contains(&bucket) {
+                    written.push(bucket);
+                }
+                self.rows.insert(row_key(key, *hash), sketches);
+            }
+        }
+        self.rows
+            .retain(|(_, _, granularity, bucket, _), _| written.contains(&(*granularity, *bucket)));
+        self.whole.retain(|bucket| written.contains(bucket));
+        if self.rows.len() > SKETCH_CACHE_ROWS {
+            self.rows = SketchRows::default();
+            self.whole.clear();
+        }
+    }
 }
 
 static SKETCH_CACHE: std::sync::Mutex<Option<SketchCache>> = std::sync::Mutex::new(None);
@@ -592,10 +634,10 @@ fn database_file(pool: &SqlitePool) -> String {
 }
 
 /// Takes the cached sketches of `file` if they are still what the rollups hold (`marks`).
-fn take_cached_sketches(file: &str, marks: (i64, i64)) -> Option<HashMap<RowKey, Sketches>> {
+fn take_sketch_cache(file: &str, marks: (i64, i64)) -> Option<SketchCache> {
     let mut cache = SKETCH_CACHE.lock().unwrap_or_else(|e| e.into_inner());
     match cache.take() {
-        Some(c) if c.file == file && c.marks == marks => Some(c.rows),
+        Some(c) if c.file == file && c.marks == marks => Some(c),
         _ => None,
     }
 }
@@ -615,26 +657,43 @@ pub(super) async fn outside_folds() -> tokio::sync::MutexGuard<'static, ()> {
 }
 
 /// The sketches of the deltas' rows after their deltas: the stored ones (a row not found is
-/// new) with the deltas' latencies and users added. Rows in `cached` are not read back.
+/// new) with the deltas' latencies and users added. Rows in `cache` are not read back, nor are
+/// rows of a bucket it holds whole (they are new); a bucket it has not seen is made whole if the
+/// rollups have no row of it yet.
 async fn merged_sketches(
     conn: &mut SqliteConnection,
     deltas: &[(RollupKey, i64, Delta)],
-    cached: Option<&HashMap<RowKey, Sketches>>,
+    mut cache: Option<&mut SketchCache>,
 ) -> Result<Vec<Sketches>, DbError> {
-    let mut stored: HashMap<usize, Sketches> = HashMap::new();
-    let mut keeping: Vec<usize> = Vec::new();
+    let mut misses: Vec<usize> = Vec::new();
     for (i, (key, hash, _)) in deltas.iter().enumerate() {
-        if !key.cube.keeps_sketch() {
-            continue;
-        }
-        match cached.and_then(|c| c.get(&row_key(key, *hash))) {
-            Some(sketches) => {
-                stored.insert(i, sketches.clone());
-            }
-            None => keeping.push(i),
+        let cached = cache
+            .as_deref()
+            .is_some_and(|c| c.rows.contains_key(&row_key(key, *hash)));
+        if key.cube.keeps_any_sketch() && !cached {
+            misses.push(i);
         }
     }
-    for chunk in keeping.chunks(FOLD_ROWS_PER_STATEMENT) {
+    if let Some(cache) = cache.as_deref_mut() {
+        let mut unseen: Vec<(i16, i64)> = misses
+            .iter()
+            .map(|&i| (deltas[i].0.granularity.code(), deltas[i].0.bucket))
+            .filter(|bucket| !cache.whole.contains(bucket))
+            .collect();
+        unseen.sort_unstable();
+        unseen.dedup();
+        for (granularity, bucket) in unseen {
+            if !bucket_has_sketch_rows(conn, granularity, bucket).await? {
+                cache.whole.insert((granularity, bucket));
+            }
+        }
+        misses.retain(|&i| {
+            let key = &deltas[i].0;
+            !cache.whole.contains(&(key.granularity.code(), key.bucket))
+        });
+    }
+    let mut stored: HashMap<usize, Sketches> = HashMap::new();
+    for chunk in misses.chunks(FOLD_ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> =
             QueryBuilder::new("WITH t (i, cube, granularity, bucket, org, key_hash) AS (");
         q.push_values(chunk, |mut b, &i| {
@@ -658,12 +717,17 @@ async fn merged_sketches(
             }),
         );
     }
+    let cache = cache.as_deref();
     Ok(deltas
         .iter()
         .enumerate()
-        .map(|(i, (key, _, delta))| {
+        .map(|(i, (key, hash, delta))| {
+            if !key.cube.keeps_any_sketch() {
+                return (None, None);
+            }
             let (latency, users) = stored
                 .get(&i)
+                .or_else(|| cache.and_then(|c| c.rows.get(&row_key(key, *hash))))
                 .map_or((None, None), |(l, u)| (l.as_deref(), u.as_deref()));
             (
                 key.cube.keeps_sketch().then(|| delta.sketch_onto(latency)),
@@ -671,6 +735,29 @@ async fn merged_sketches(
             )
         })
         .collect())
+}
+
+/// Whether the rollups hold a row of a cube that keeps a sketch in this bucket.
+async fn bucket_has_sketch_rows(
+    conn: &mut SqliteConnection,
+    granularity: i16,
+    bucket: i64,
+) -> Result<bool, DbError> {
+    let mut q: QueryBuilder<Sqlite> =
+        QueryBuilder::new("SELECT EXISTS (SELECT 1 FROM rollupdb.rollups WHERE cube IN (");
+    let mut cubes = q.separated(", ");
+    for cube in rollup::Cube::ALL
+        .into_iter()
+        .filter(|c| c.keeps_any_sketch())
+    {
+        cubes.push_bind(cube.code());
+    }
+    q.push(") AND granularity = ")
+        .push_bind(granularity)
+        .push(" AND bucket = ")
+        .push_bind(bucket)
+        .push(")");
+    Ok(q.build_query_scalar().fetch_one(&mut *conn).await?)
 }
 
 /// Adds the deltas to their rows, creating the missing ones, with `sketches` (from
