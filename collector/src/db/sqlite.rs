@@ -667,10 +667,13 @@ async fn merged_sketches(
 ) -> Result<Vec<Sketches>, DbError> {
     let mut misses: Vec<usize> = Vec::new();
     for (i, (key, hash, _)) in deltas.iter().enumerate() {
+        if !key.cube.keeps_any_sketch() {
+            continue;
+        }
         let cached = cache
             .as_deref()
             .is_some_and(|c| c.rows.contains_key(&row_key(key, *hash)));
-        if key.cube.keeps_any_sketch() && !cached {
+        if !cached {
             misses.push(i);
         }
     }
