@@ -921,15 +921,24 @@ backend_tests!(
 mod sqlite_rollups_file {
     use super::*;
 
+    /// A fresh SQLite database, its fixture and a time two minutes ago.
+    async fn empty(seed: u64) -> (common::TestDb, Storage, Fixture, chrono::DateTime<Utc>) {
+        let db = common::TestDb::new(Backend::Sqlite).await;
+        let storage = db.storage().await;
+        (
+            db,
+            storage,
+            Fixture::new(seed),
+            Utc::now() - Duration::minutes(2),
+        )
+    }
+
     /// A fresh SQLite database with `n` events of acme (two minutes old) written, not folded.
     async fn with_events(
         seed: u64,
         n: usize,
     ) -> (common::TestDb, Storage, Fixture, chrono::DateTime<Utc>) {
-        let db = common::TestDb::new(Backend::Sqlite).await;
-        let storage = db.storage().await;
-        let mut fx = Fixture::new(seed);
-        let at = Utc::now() - Duration::minutes(2);
+        let (db, storage, mut fx, at) = empty(seed).await;
         let events: Vec<UsageEvent> = (0..n).map(|_| fx.event("acme", at)).collect();
         storage
             .write_events(&events, Utc::now(), &[])
@@ -1037,10 +1046,7 @@ mod sqlite_rollups_file {
     /// the folder's back) is not undone by a stale sketch.
     #[tokio::test]
     async fn the_folders_sketches_stay_what_is_stored() {
-        let db = common::TestDb::new(Backend::Sqlite).await;
-        let storage = db.storage().await;
-        let mut fx = Fixture::new(24);
-        let at = Utc::now() - Duration::minutes(2);
+        let (_db, storage, mut fx, at) = empty(24).await;
         for round in 0..3 {
             let events: Vec<UsageEvent> = (0..4).map(|_| fx.event("acme", at)).collect();
             storage
@@ -1085,10 +1091,7 @@ mod sqlite_rollups_file {
     /// had rows before the folder first wrote into it (it is read back).
     #[tokio::test]
     async fn a_row_the_last_fold_left_alone_keeps_its_sketch() {
-        let db = common::TestDb::new(Backend::Sqlite).await;
-        let storage = db.storage().await;
-        let mut fx = Fixture::new(26);
-        let at = Utc::now() - Duration::minutes(2);
+        let (_db, storage, mut fx, at) = empty(26).await;
         let mut on = |route: &str, n: usize| -> Vec<UsageEvent> {
             (0..n)
                 .map(|_| UsageEvent {

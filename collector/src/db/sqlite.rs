@@ -554,6 +554,13 @@ pub(super) async fn backfill_callers(pool: &SqlitePool) -> Result<(), DbError> {
 /// A rollup row's primary key: org, cube, granularity, bucket, key hash.
 type RowKey = (String, i16, i16, i64, i64);
 
+/// A rollup row's bucket as the sketch cache names it: granularity code, bucket start.
+type BucketKey = (i16, i64);
+
+fn bucket_key(key: &RollupKey) -> BucketKey {
+    (key.granularity.code(), key.bucket)
+}
+
 fn row_key(key: &RollupKey, hash: i64) -> RowKey {
     (
         key.org.clone(),
@@ -585,7 +592,7 @@ struct SketchCache {
     /// Without it, each fold of the ingest bench read back ~2,000 rows that did not exist
     /// (keys the fold before had no event for): with it, a fold's sketch phase under load
     /// took 37–41 ms on average instead of 56–62 (`benches/README.md`, item 12).
-    whole: HashSet<(i16, i64)>,
+    whole: HashSet<BucketKey>,
 }
 
 /// Most rows the cache holds (~100 MB with sketches of a kilobyte; the ingest bench's folds
@@ -604,10 +611,10 @@ impl SketchCache {
     fn keep(&mut self, deltas: &[(RollupKey, i64, Delta)], sketches: Vec<Sketches>) {
         // A fold writes into a handful of buckets (this minute, hour, day and week, and
         // those of late events).
-        let mut written: Vec<(i16, i64)> = Vec::new();
+        let mut written: Vec<BucketKey> = Vec::new();
         for ((key, hash, _), sketches) in deltas.iter().zip(sketches) {
             if key.cube.keeps_any_sketch() {
-                let bucket = (key.granularity.code(), key.bucket);
+                let bucket = bucket_key(key);
                 if !written.contains(&bucket) {
                     written.push(bucket);
                 }
@@ -678,9 +685,9 @@ async fn merged_sketches(
         }
     }
     if let Some(cache) = cache.as_deref_mut() {
-        let mut unseen: Vec<(i16, i64)> = misses
+        let mut unseen: Vec<BucketKey> = misses
             .iter()
-            .map(|&i| (deltas[i].0.granularity.code(), deltas[i].0.bucket))
+            .map(|&i| bucket_key(&deltas[i].0))
             .filter(|bucket| !cache.whole.contains(bucket))
             .collect();
         unseen.sort_unstable();
@@ -690,10 +697,7 @@ async fn merged_sketches(
                 cache.whole.insert((granularity, bucket));
             }
         }
-        misses.retain(|&i| {
-            let key = &deltas[i].0;
-            !cache.whole.contains(&(key.granularity.code(), key.bucket))
-        });
+        misses.retain(|&i| !cache.whole.contains(&bucket_key(&deltas[i].0)));
     }
     let mut stored: HashMap<usize, Sketches> = HashMap::new();
     for chunk in misses.chunks(FOLD_ROWS_PER_STATEMENT) {
