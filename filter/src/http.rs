@@ -23,6 +23,7 @@ use crate::host::{self, Host};
 use crate::metrics::Metric;
 use crate::root::Runtime;
 use crate::store::SlotStore;
+use crate::timing::{self, Part, Stopwatch};
 
 /// What the request phase decided, for the later phases.
 struct Decided {
@@ -79,7 +80,7 @@ impl Request {
         .filter(|v| !v.is_empty())
     }
 
-    fn decide(&mut self) -> Action {
+    fn decide(&mut self, watch: &mut Stopwatch) -> Action {
         self.started = host::system_now();
         self.method = host::request_header(":method").unwrap_or_default();
         self.path = host::request_header(":path").unwrap_or_default();
@@ -93,6 +94,7 @@ impl Request {
             // The request's start time is the decision's clock: one host call, not two.
             .map_or_else(|| host::timestamp(self.started), Timestamp::from_millis);
 
+        watch.lap(Part::Request);
         // Each read is a host call: only for the sources the policy tries.
         let policy = &self.rt.policy;
         let client_ip = policy
@@ -130,12 +132,14 @@ impl Request {
             claims,
             cost: self.cost,
         };
+        watch.lap(Part::Identity);
         let mut store = SlotStore::new(&Host, self.rt.settings.slots);
         store.fail = self.rt.settings.fail_store;
         let action = self
             .rt
             .policy
             .gate(&self.rt.settings.gate, &req, self.now, &mut store);
+        watch.lap(Part::Gate);
         let m = &self.rt.metrics;
         m.add(Metric::SlotCreatedLate, u64::from(store.created_late));
 
@@ -257,7 +261,7 @@ impl Request {
         self.cost = self.cost.max(reported);
     }
 
-    fn finish(&mut self) {
+    fn finish(&mut self, watch: &mut Stopwatch) {
         let Some(decided) = self.decided.take() else {
             return; // a skipped path, or a request that never reached the filter's decision
         };
@@ -283,6 +287,7 @@ impl Request {
             _ => 0,
         };
         let (path, query) = split_query(&self.path);
+        watch.lap(Part::LogPhase);
         let id = {
             let mut ids = self
                 .rt
@@ -323,6 +328,7 @@ impl Request {
             metrics: Default::default(),
             fingerprint: Some(request_fingerprint(&self.method, path, query)),
         };
+        watch.lap(Part::EventBuild);
         let json = match serde_json::to_string(&event) {
             Ok(json) => json,
             Err(_) => {
@@ -330,7 +336,9 @@ impl Request {
                 return;
             }
         };
+        watch.lap(Part::EventSerialize);
         self.rt.queue_event(&json);
+        watch.lap(Part::EventQueue);
     }
 }
 
@@ -353,7 +361,10 @@ impl Context for Request {}
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.bodiless = end_of_stream;
-        self.decide()
+        let mut watch = Stopwatch::start();
+        let action = self.decide(&mut watch);
+        watch.lap(Part::Verdict);
+        action
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -365,6 +376,7 @@ impl HttpContext for Request {
             return Action::Continue; // our own reply already carries its headers
         }
         self.charge_reported_cost();
+        let mut watch = Stopwatch::start();
         if let Some(decided) = &self.decided {
             for (name, value) in &decided.headers {
                 if hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value).is_err() {
@@ -372,11 +384,14 @@ impl HttpContext for Request {
                 }
             }
         }
+        watch.lap(Part::ResponseHeaders);
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        self.finish();
+        let mut watch = Stopwatch::start();
+        self.finish(&mut watch);
+        timing::request_done();
     }
 }
 

@@ -20,6 +20,7 @@ mod http;
 pub mod metrics;
 mod root;
 pub mod store;
+pub mod timing;
 
 pub use http::strip_port;
 
