@@ -69,6 +69,8 @@ use tollgate_e2e::{
 const PASSTHROUGH_WASM_VAR: &str = "TOLLGATE_PASSTHROUGH_WASM";
 /// Set to shorten every run.
 const QUICK_VAR: &str = "TOLLGATE_BENCH_QUICK";
+/// How a `timing` build of the filter starts its log lines (`filter/src/timing.rs`).
+const TIMING_LINE: &str = "tollgate timing";
 /// Another build of the filter to compare with (A/B mode).
 const COMPARE_WASM_VAR: &str = "TOLLGATE_BENCH_COMPARE_WASM";
 /// Rounds of the A/B mode.
@@ -174,6 +176,8 @@ fn main() -> Result<()> {
         return compare(&tools, &upstream, durations);
     }
     let mut cells = Vec::new();
+    // Part-by-part timing lines of a `timing` build of the filter, by cell.
+    let mut timings = Vec::new();
     for variant in [
         Variant::None,
         Variant::LocalRatelimit,
@@ -207,6 +211,9 @@ fn main() -> Result<()> {
                 sat.requests,
                 lat.p99_us
             );
+            if let Some(timing) = envoy.timing() {
+                timings.push(format!("{} at {keys} keys: {timing}", variant.name()));
+            }
             cells.push(Cell {
                 variant,
                 keys,
@@ -248,6 +255,7 @@ fn main() -> Result<()> {
     }
 
     print_tables(&tools, &cells, &conditions);
+    print_timings(&timings);
     Ok(())
 }
 
@@ -335,6 +343,12 @@ fn compare(tools: &Tools, upstream: &tollgate_e2e::Upstream, durations: Duration
         "median added: A {a:+.1} µs, B {b:+.1} µs; median of the rounds' B − A {d:+.1} µs \
          (B cheaper in {cheaper} of {rounds} rounds)"
     );
+    let timings: Vec<String> = ["A", "B"]
+        .iter()
+        .zip(&running[1..])
+        .filter_map(|(side, (_, envoy, _))| envoy.timing().map(|t| format!("{side}: {t}")))
+        .collect();
+    print_timings(&timings);
     Ok(())
 }
 
@@ -538,6 +552,7 @@ struct BenchEnvoy {
     child: Child,
     port: u16,
     admin_port: u16,
+    log: PathBuf,
 }
 
 impl BenchEnvoy {
@@ -577,6 +592,7 @@ impl BenchEnvoy {
             child,
             port,
             admin_port,
+            log: log.clone(),
         };
         // A million counter slots are written at startup: allow for it.
         let ready = eventually(Duration::from_secs(90), || {
@@ -604,6 +620,15 @@ impl BenchEnvoy {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The filter's latest part-by-part timing line, when it is a build with the `timing`
+    /// feature (`filter/src/timing.rs`); `None` otherwise.
+    fn timing(&self) -> Option<String> {
+        let log = std::fs::read_to_string(&self.log).ok()?;
+        log.lines()
+            .rev()
+            .find_map(|l| l.find(TIMING_LINE).map(|at| l[at..].to_string()))
     }
 
     /// VmRSS from /proc/<pid>/status, in KiB.
@@ -962,6 +987,17 @@ struct Condition {
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
+}
+
+/// Prints where a request's time went inside Envoy, when the filter is a `timing` build.
+fn print_timings(timings: &[String]) {
+    if timings.is_empty() {
+        return;
+    }
+    println!("\nwhere a request's time goes inside the filter (its `timing` build; the latest report of each)");
+    for line in timings {
+        println!("{line}");
+    }
 }
 
 fn print_tables(tools: &Tools, cells: &[Cell], conditions: &[Condition]) {
