@@ -48,6 +48,9 @@
 //! one's Envoy CPU per request and the median of what each build adds over `none` in its
 //! round. Short alternating runs are what make a few-µs difference visible on a noisy machine:
 //! a slow minute of the VM then shifts all three, not one.
+//!
+//! **Where the time goes**: a filter built with its `timing` feature logs each part of a
+//! request's average time; the bench prints the latest such line of each cell (or build).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
