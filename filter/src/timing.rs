@@ -33,6 +33,9 @@ pub enum Part {
     EventQueue,
 }
 
+/// Nanoseconds spent in each [`Part`], in its order.
+pub type Totals = [u64; Part::ALL.len()];
+
 impl Part {
     const ALL: [Part; 9] = [
         Part::Request,
@@ -66,7 +69,7 @@ pub const REPORT_EVERY: u64 = 20_000;
 
 /// The report line for `totals` (nanoseconds by [`Part`]) over `requests` requests: the
 /// average of each part and their sum, in µs.
-pub fn report(totals: &[u64; 9], requests: u64) -> String {
+pub fn report(totals: &Totals, requests: u64) -> String {
     let avg = |ns: u64| ns as f64 / 1_000.0 / requests.max(1) as f64;
     let mut line = format!("tollgate timing, µs per request over {requests} requests:");
     for (part, ns) in Part::ALL.iter().zip(totals) {
@@ -80,21 +83,18 @@ pub fn report(totals: &[u64; 9], requests: u64) -> String {
 mod imp {
     use std::cell::RefCell;
 
-    use proxy_wasm::hostcalls;
     use proxy_wasm::types::LogLevel;
 
-    use super::{report, Part, REPORT_EVERY};
+    use super::{report, Part, Totals, REPORT_EVERY};
+    use crate::host;
 
     thread_local! {
         /// Nanoseconds by part, and requests, since the last report (one VM, one thread).
-        static TOTALS: RefCell<([u64; 9], u64)> = const { RefCell::new(([0; 9], 0)) };
+        static TOTALS: RefCell<(Totals, u64)> = const { RefCell::new(([0; Part::ALL.len()], 0)) };
     }
 
     fn now_ns() -> u64 {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        host::now().as_nanos()
     }
 
     /// Times consecutive parts of one callback.
@@ -121,8 +121,8 @@ mod imp {
             let mut t = t.borrow_mut();
             t.1 += 1;
             if t.1 >= REPORT_EVERY {
-                let _ = hostcalls::log(LogLevel::Warn, &report(&t.0, t.1));
-                *t = ([0; 9], 0);
+                host::log(LogLevel::Warn, &report(&t.0, t.1));
+                *t = ([0; Part::ALL.len()], 0);
             }
         });
     }
@@ -160,7 +160,7 @@ mod tests {
 
     #[test]
     fn a_report_averages_each_part_in_microseconds_and_sums_them() {
-        let mut totals = [0u64; 9];
+        let mut totals: Totals = [0; Part::ALL.len()];
         totals[Part::Gate as usize] = 30_000_000; // 30 ms over 2,000 requests: 15 µs each
         totals[Part::EventQueue as usize] = 1_000_000;
         let line = report(&totals, 2_000);
@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn every_part_is_reported_once_in_order() {
-        let line = report(&[1_000; 9], 1);
+        let line = report(&[1_000; Part::ALL.len()], 1);
         let names: Vec<&str> = line
             .split(' ')
             .filter_map(|w| w.split_once('=').map(|(n, _)| n))

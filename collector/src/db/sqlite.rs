@@ -670,34 +670,38 @@ pub(super) async fn outside_folds() -> tokio::sync::MutexGuard<'static, ()> {
 async fn merged_sketches(
     conn: &mut SqliteConnection,
     deltas: &[(RollupKey, i64, Delta)],
-    mut cache: Option<&mut SketchCache>,
+    cache: Option<&mut SketchCache>,
 ) -> Result<Vec<Sketches>, DbError> {
+    // Split borrows: the cached rows are looked up once, here, and read while `whole` grows.
+    let (rows, whole) = match cache {
+        Some(c) => (Some(&c.rows), Some(&mut c.whole)),
+        None => (None, None),
+    };
+    let mut cached: Vec<Option<&Sketches>> = vec![None; deltas.len()];
     let mut misses: Vec<usize> = Vec::new();
     for (i, (key, hash, _)) in deltas.iter().enumerate() {
         if !key.cube.keeps_any_sketch() {
             continue;
         }
-        let cached = cache
-            .as_deref()
-            .is_some_and(|c| c.rows.contains_key(&row_key(key, *hash)));
-        if !cached {
+        cached[i] = rows.and_then(|r| r.get(&row_key(key, *hash)));
+        if cached[i].is_none() {
             misses.push(i);
         }
     }
-    if let Some(cache) = cache.as_deref_mut() {
+    if let Some(whole) = whole {
         let mut unseen: Vec<BucketKey> = misses
             .iter()
             .map(|&i| bucket_key(&deltas[i].0))
-            .filter(|bucket| !cache.whole.contains(bucket))
+            .filter(|bucket| !whole.contains(bucket))
             .collect();
         unseen.sort_unstable();
         unseen.dedup();
         for (granularity, bucket) in unseen {
             if !bucket_has_sketch_rows(conn, granularity, bucket).await? {
-                cache.whole.insert((granularity, bucket));
+                whole.insert((granularity, bucket));
             }
         }
-        misses.retain(|&i| !cache.whole.contains(&bucket_key(&deltas[i].0)));
+        misses.retain(|&i| !whole.contains(&bucket_key(&deltas[i].0)));
     }
     let mut stored: HashMap<usize, Sketches> = HashMap::new();
     for chunk in misses.chunks(FOLD_ROWS_PER_STATEMENT) {
@@ -724,17 +728,16 @@ async fn merged_sketches(
             }),
         );
     }
-    let cache = cache.as_deref();
     Ok(deltas
         .iter()
         .enumerate()
-        .map(|(i, (key, hash, delta))| {
+        .map(|(i, (key, _, delta))| {
             if !key.cube.keeps_any_sketch() {
                 return (None, None);
             }
             let (latency, users) = stored
                 .get(&i)
-                .or_else(|| cache.and_then(|c| c.rows.get(&row_key(key, *hash))))
+                .or(cached[i])
                 .map_or((None, None), |(l, u)| (l.as_deref(), u.as_deref()));
             (
                 key.cube.keeps_sketch().then(|| delta.sketch_onto(latency)),
