@@ -14,6 +14,7 @@
 //! shadow denial lets the request through and is reported; shadow rules never appear in
 //! client-facing headers.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::algorithm::{LimitKind, Outcome};
@@ -22,6 +23,7 @@ use crate::hash;
 use crate::policy::document::{FailureMode, Mode, Scope};
 use crate::policy::CompiledRule;
 use crate::policy::{Identity, Policy};
+use crate::record::{rule_id, Record};
 use crate::time::Timestamp;
 
 /// How many times a counter update is retried on CAS conflicts before the failure mode applies.
@@ -64,6 +66,21 @@ impl CounterKey {
     pub fn rule(&self) -> &str {
         self.0.split_once('|').map_or(&self.0, |(rule, _)| rule)
     }
+
+    /// The subject part of the key (`g`, `o:<org>`, `u:<user>`, `anon`).
+    pub fn subject(&self) -> &str {
+        self.0.split_once('|').map_or("", |(_, subject)| subject)
+    }
+
+    /// The key of the record holding every counter of this key's subject, for stores that
+    /// group by subject: `|<subject>`, which no counter key can be (rule names are not empty).
+    pub fn subject_record(&self) -> Self {
+        let subject = self.subject();
+        let mut key = String::with_capacity(1 + subject.len());
+        key.push('|');
+        key.push_str(subject);
+        Self(key)
+    }
 }
 
 impl From<&str> for CounterKey {
@@ -91,6 +108,15 @@ pub trait CounterStore {
 
     /// Writes `bytes` if the counter is still at `version`; `Ok(false)` on a conflict.
     fn store(&mut self, key: &CounterKey, bytes: &[u8], version: u64) -> Result<bool, Self::Error>;
+
+    /// Whether the engine should keep each subject's counters together, in one record under
+    /// [`CounterKey::subject_record`], rather than one entry per counter. Then a request's
+    /// consecutive tiers of one subject cost one `load` and one `store` between them. Worth it
+    /// where each call is a host call or a round trip (proxy-wasm shared data); a store that
+    /// says so must say so every time, since the two layouts cannot read each other.
+    fn groups_by_subject(&self) -> bool {
+        false
+    }
 }
 
 /// What a request is, for the engine.
@@ -132,6 +158,151 @@ pub struct StoreStats {
     pub failures: u32,
 }
 
+/// One store entry a request reads and writes: a single counter, or (for a store that groups
+/// by subject) the record of consecutive checks' common subject.
+struct Unit {
+    /// The store key: the counter's, or the subject record's.
+    key: CounterKey,
+    /// The checks it holds, as indices into the request's checks.
+    checks: Range<usize>,
+}
+
+/// The request's store entries, in check order.
+fn units(checks: &[Check], grouped: bool) -> Vec<Unit> {
+    let mut units: Vec<Unit> = Vec::with_capacity(checks.len());
+    for (i, check) in checks.iter().enumerate() {
+        if grouped {
+            if let Some(last) = units.last_mut() {
+                if checks[last.checks.start].key.subject() == check.key.subject() {
+                    last.checks.end = i + 1;
+                    continue;
+                }
+            }
+        }
+        let key = if grouped {
+            check.key.subject_record()
+        } else {
+            check.key.clone()
+        };
+        units.push(Unit {
+            key,
+            checks: i..i + 1,
+        });
+    }
+    units
+}
+
+/// The states held in one store entry: a single counter's, or a subject record.
+enum Held {
+    Single(Option<Vec<u8>>),
+    Record(Record),
+}
+
+impl Held {
+    fn new(bytes: Option<Vec<u8>>, grouped: bool) -> Self {
+        if grouped {
+            Self::Record(Record::decode(bytes))
+        } else {
+            Self::Single(bytes)
+        }
+    }
+
+    /// The state of `rule`'s counter (the entry's own state when it holds one counter).
+    fn get(&self, rule: &str) -> Option<&[u8]> {
+        match self {
+            Self::Single(state) => state.as_deref(),
+            Self::Record(record) => record.get(rule_id(rule)),
+        }
+    }
+
+    fn set(&mut self, rule: &str, state: Vec<u8>) {
+        match self {
+            Self::Single(held) => *held = Some(state),
+            Self::Record(record) => record.set(rule_id(rule), state),
+        }
+    }
+
+    fn encode(self) -> Vec<u8> {
+        match self {
+            Self::Single(state) => state.unwrap_or_default(),
+            Self::Record(record) => record.encode(),
+        }
+    }
+}
+
+/// A decision in progress.
+#[derive(Default)]
+struct Deciding {
+    stats: StoreStats,
+    statuses: Vec<RuleStatus>,
+    /// Checks charged so far, as indices.
+    committed: Vec<usize>,
+    denied_by: Option<Arc<str>>,
+    shadow_denied_by: Option<Arc<str>>,
+    failed_closed: bool,
+}
+
+/// Where a [`Deciding`] stood before a unit's attempt, to undo a lost CAS.
+struct Mark {
+    statuses: usize,
+    committed: usize,
+    denied_by: Option<Arc<str>>,
+    shadow_denied_by: Option<Arc<str>>,
+    failed_closed: bool,
+}
+
+impl Deciding {
+    fn denied(&self) -> bool {
+        self.denied_by.is_some() || self.failed_closed
+    }
+
+    fn mark(&self) -> Mark {
+        Mark {
+            statuses: self.statuses.len(),
+            committed: self.committed.len(),
+            denied_by: self.denied_by.clone(),
+            shadow_denied_by: self.shadow_denied_by.clone(),
+            failed_closed: self.failed_closed,
+        }
+    }
+
+    fn undo(&mut self, mark: Mark) {
+        self.statuses.truncate(mark.statuses);
+        self.committed.truncate(mark.committed);
+        self.denied_by = mark.denied_by;
+        self.shadow_denied_by = mark.shadow_denied_by;
+        self.failed_closed = mark.failed_closed;
+    }
+
+    /// One check's outcome.
+    fn note(&mut self, i: usize, check: &Check, outcome: Outcome, cost: u64, now: Timestamp) {
+        if !self.denied() {
+            if outcome.allowed {
+                if cost > 0 {
+                    self.committed.push(i);
+                }
+            } else if check.enforced {
+                self.denied_by = Some(check.rule.name.clone());
+            } else if self.shadow_denied_by.is_none() {
+                self.shadow_denied_by = Some(check.rule.name.clone());
+            }
+        }
+        self.statuses
+            .push(RuleStatus::new(&check.rule, check.enforced, outcome, now));
+    }
+
+    /// The checks' counters could not be read or written: open skips them (the other tiers
+    /// still limit), closed denies when one of them is enforced.
+    fn failed(&mut self, checks: &[Check], mode: FailureMode) {
+        for check in checks {
+            self.stats.failures += 1;
+            if mode == FailureMode::Closed && check.enforced {
+                self.failed_closed = true;
+            }
+        }
+    }
+}
+
 impl Policy {
     /// The checks for a request: applicable rules after overrides, highest priority first.
     /// With `every_endpoint`, endpoint rules apply whatever the request's endpoint (the status
@@ -166,64 +337,58 @@ impl Policy {
         store: &mut S,
     ) -> Decision {
         let checks = self.checks(req, now, false);
-        let mut stats = StoreStats::default();
-        let mut statuses = Vec::with_capacity(checks.len());
-        let mut committed: Vec<&Check> = Vec::new();
-        let mut denied_by: Option<Arc<str>> = None;
-        let mut shadow_denied_by: Option<Arc<str>> = None;
-        let mut failed_closed = false;
-
-        for check in &checks {
-            let result = if denied_by.is_some() || failed_closed {
-                // Already denied: read the rest only so headers can show the tightest limit.
-                peek(check, store, now)
-            } else {
-                acquire(check, store, now, req.cost, &mut stats)
-            };
-            let outcome = match result {
-                Ok(outcome) => outcome,
-                Err(_) => {
-                    stats.failures += 1;
-                    if self.failure_mode == FailureMode::Closed && check.enforced {
-                        failed_closed = true;
-                    }
-                    continue; // open: this counter is skipped, the other tiers still limit
-                }
-            };
-            if denied_by.is_none() && !failed_closed {
-                if outcome.allowed {
-                    if req.cost > 0 {
-                        committed.push(check);
-                    }
-                } else if check.enforced {
-                    denied_by = Some(check.rule.name.clone());
-                } else if shadow_denied_by.is_none() {
-                    shadow_denied_by = Some(check.rule.name.clone());
-                }
-            }
-            statuses.push(RuleStatus::new(&check.rule, check.enforced, outcome, now));
+        let grouped = store.groups_by_subject();
+        let units = units(&checks, grouped);
+        let mut d = Deciding {
+            statuses: Vec::with_capacity(checks.len()),
+            ..Deciding::default()
+        };
+        for unit in &units {
+            self.decide_unit(&checks, unit, grouped, now, req.cost, store, &mut d);
         }
 
-        let verdict = if denied_by.is_some() || failed_closed {
-            for check in &committed {
-                let refunded = update(store, &check.key, &mut stats, |bytes| {
-                    check.rule.limiter.refund(bytes, now, req.cost)
+        let verdict = if d.denied() {
+            for unit in &units {
+                let charged: Vec<&Check> = d
+                    .committed
+                    .iter()
+                    .filter(|i| unit.checks.contains(i))
+                    .map(|&i| &checks[i])
+                    .collect();
+                if charged.is_empty() {
+                    continue;
+                }
+                let refunded = update(store, &unit.key, grouped, &mut d.stats, |held| {
+                    for check in &charged {
+                        let state =
+                            check
+                                .rule
+                                .limiter
+                                .refund(held.get(&check.rule.name), now, req.cost);
+                        held.set(&check.rule.name, state);
+                    }
                 });
                 if refunded.is_err() {
-                    stats.failures += 1;
+                    d.stats.failures += charged.len() as u32;
                     continue;
                 }
                 // Headers must show what the caller has left after the refund.
-                if let Some(s) = statuses.iter_mut().find(|s| s.rule.name == check.rule.name) {
-                    s.outcome.remaining = s
-                        .outcome
-                        .remaining
-                        .saturating_add(req.cost)
-                        .min(s.outcome.limit);
+                for check in &charged {
+                    if let Some(s) = d
+                        .statuses
+                        .iter_mut()
+                        .find(|s| s.rule.name == check.rule.name)
+                    {
+                        s.outcome.remaining = s
+                            .outcome
+                            .remaining
+                            .saturating_add(req.cost)
+                            .min(s.outcome.limit);
+                    }
                 }
             }
             Verdict::Limited
-        } else if shadow_denied_by.is_some() {
+        } else if d.shadow_denied_by.is_some() {
             Verdict::ShadowLimited
         } else {
             Verdict::Allowed
@@ -231,8 +396,9 @@ impl Policy {
         let leases = if verdict == Verdict::Limited {
             Vec::new()
         } else {
-            committed
+            d.committed
                 .iter()
+                .map(|&i| &checks[i])
                 .filter(|c| c.rule.limiter.kind() == LimitKind::Concurrency)
                 .map(|c| Lease {
                     rule: c.rule.name.clone(),
@@ -243,13 +409,71 @@ impl Policy {
         };
         Decision {
             verdict,
-            rule: denied_by.or(shadow_denied_by),
-            failed_closed,
-            statuses,
+            rule: d.denied_by.or(d.shadow_denied_by),
+            failed_closed: d.failed_closed,
+            statuses: d.statuses,
             leases,
-            stats,
+            stats: d.stats,
             bypassed: false,
         }
+    }
+
+    /// Decides the checks of one store entry: one read, each check in priority order against
+    /// the states read (taking units while nothing has denied, only reading after), then one
+    /// CAS write of what was taken. A lost CAS undoes the attempt's notes and decides again
+    /// from a fresh read.
+    #[allow(clippy::too_many_arguments)]
+    fn decide_unit<S: CounterStore>(
+        &self,
+        checks: &[Check],
+        unit: &Unit,
+        grouped: bool,
+        now: Timestamp,
+        cost: u64,
+        store: &mut S,
+        d: &mut Deciding,
+    ) {
+        let mine = &checks[unit.checks.clone()];
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let Ok(stored) = store.load(&unit.key) else {
+                d.failed(mine, self.failure_mode);
+                return;
+            };
+            let mut held = Held::new(stored.bytes, grouped);
+            let mark = d.mark();
+            let mut taken = false;
+            for (i, check) in unit.checks.clone().zip(mine) {
+                let state = held.get(&check.rule.name);
+                let outcome = if d.denied() {
+                    // Already denied: read the rest only so headers can show the tightest limit.
+                    check.rule.limiter.peek(state, now)
+                } else {
+                    let (outcome, next) = check.rule.limiter.acquire(state, now, cost);
+                    if outcome.allowed && cost > 0 {
+                        held.set(&check.rule.name, next);
+                        taken = true;
+                    }
+                    outcome
+                };
+                d.note(i, check, outcome, cost, now);
+            }
+            if !taken {
+                return;
+            }
+            match store.store(&unit.key, &held.encode(), stored.version) {
+                Ok(true) => return,
+                Ok(false) => {
+                    d.stats.cas_retries += 1;
+                    d.undo(mark);
+                }
+                Err(_) => {
+                    d.undo(mark);
+                    d.failed(mine, self.failure_mode);
+                    return;
+                }
+            }
+        }
+        d.failed(mine, self.failure_mode);
     }
 
     /// Every applicable rule's standing for this caller, consuming nothing (the status path).
@@ -259,13 +483,20 @@ impl Policy {
         now: Timestamp,
         store: &mut S,
     ) -> Vec<RuleStatus> {
-        self.checks(req, now, true)
-            .iter()
-            .filter_map(|check| {
-                let outcome = peek(check, store, now).ok()?;
-                Some(RuleStatus::new(&check.rule, check.enforced, outcome, now))
-            })
-            .collect()
+        let checks = self.checks(req, now, true);
+        let grouped = store.groups_by_subject();
+        let mut statuses = Vec::with_capacity(checks.len());
+        for unit in units(&checks, grouped) {
+            let Ok(stored) = store.load(&unit.key) else {
+                continue;
+            };
+            let held = Held::new(stored.bytes, grouped);
+            for check in &checks[unit.checks] {
+                let outcome = check.rule.limiter.peek(held.get(&check.rule.name), now);
+                statuses.push(RuleStatus::new(&check.rule, check.enforced, outcome, now));
+            }
+        }
+        statuses
     }
 
     /// Charges `cost` more units after the response (e.g. tokens reported by the upstream) to
@@ -281,16 +512,27 @@ impl Policy {
         if cost == 0 {
             return stats;
         }
-        for check in self.checks(req, now, false) {
-            if check.rule.limiter.kind() == LimitKind::Concurrency {
+        let checks = self.checks(req, now, false);
+        let grouped = store.groups_by_subject();
+        for unit in units(&checks, grouped) {
+            let metered: Vec<&Check> = checks[unit.checks]
+                .iter()
+                .filter(|c| c.rule.limiter.kind() != LimitKind::Concurrency)
+                .collect();
+            if metered.is_empty() {
                 continue;
             }
-            if update(store, &check.key, &mut stats, |b| {
-                check.rule.limiter.charge(b, now, cost)
-            })
-            .is_err()
-            {
-                stats.failures += 1;
+            let charged = update(store, &unit.key, grouped, &mut stats, |held| {
+                for check in &metered {
+                    let state = check
+                        .rule
+                        .limiter
+                        .charge(held.get(&check.rule.name), now, cost);
+                    held.set(&check.rule.name, state);
+                }
+            });
+            if charged.is_err() {
+                stats.failures += metered.len() as u32;
             }
         }
         stats
@@ -307,8 +549,15 @@ impl Policy {
         let mut stats = StoreStats::default();
         let rule = self.rule_named(&lease.rule);
         if let Some(rule) = rule {
-            if update(store, &lease.key, &mut stats, |b| {
-                rule.limiter.refund(b, now, lease.cost)
+            let grouped = store.groups_by_subject();
+            let key = if grouped {
+                lease.key.subject_record()
+            } else {
+                lease.key.clone()
+            };
+            if update(store, &key, grouped, &mut stats, |held| {
+                let state = rule.limiter.refund(held.get(&lease.rule), now, lease.cost);
+                held.set(&lease.rule, state);
             })
             .is_err()
             {
@@ -329,54 +578,20 @@ fn in_rollout(rule: &CompiledRule, caller: &str) -> bool {
     bucket < u64::from(rule.rollout_percent)
 }
 
-fn peek<S: CounterStore>(
-    check: &Check,
-    store: &mut S,
-    now: Timestamp,
-) -> Result<Outcome, UpdateError> {
-    let stored = store.load(&check.key).map_err(|_| UpdateError::Store)?;
-    Ok(check.rule.limiter.peek(stored.bytes.as_deref(), now))
-}
-
-fn acquire<S: CounterStore>(
-    check: &Check,
-    store: &mut S,
-    now: Timestamp,
-    cost: u64,
-    stats: &mut StoreStats,
-) -> Result<Outcome, UpdateError> {
-    for _ in 0..MAX_CAS_ATTEMPTS {
-        let stored = store.load(&check.key).map_err(|_| UpdateError::Store)?;
-        let (outcome, bytes) = check
-            .rule
-            .limiter
-            .acquire(stored.bytes.as_deref(), now, cost);
-        if !outcome.allowed || cost == 0 {
-            return Ok(outcome);
-        }
-        if store
-            .store(&check.key, &bytes, stored.version)
-            .map_err(|_| UpdateError::Store)?
-        {
-            return Ok(outcome);
-        }
-        stats.cas_retries += 1;
-    }
-    Err(UpdateError::Conflicts)
-}
-
 /// Read-modify-CAS loop for updates that cannot be refused (refund, charge, release).
 fn update<S: CounterStore>(
     store: &mut S,
     key: &CounterKey,
+    grouped: bool,
     stats: &mut StoreStats,
-    modify: impl Fn(Option<&[u8]>) -> Vec<u8>,
+    modify: impl Fn(&mut Held),
 ) -> Result<(), UpdateError> {
     for _ in 0..MAX_CAS_ATTEMPTS {
         let stored = store.load(key).map_err(|_| UpdateError::Store)?;
-        let bytes = modify(stored.bytes.as_deref());
+        let mut held = Held::new(stored.bytes, grouped);
+        modify(&mut held);
         if store
-            .store(key, &bytes, stored.version)
+            .store(key, &held.encode(), stored.version)
             .map_err(|_| UpdateError::Store)?
         {
             return Ok(());
@@ -390,15 +605,25 @@ fn update<S: CounterStore>(
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     counters: std::collections::HashMap<CounterKey, (Vec<u8>, u64)>,
+    grouped: bool,
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store, one entry per counter.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Number of counters held.
+    /// An empty store that groups counters by subject (see
+    /// [`CounterStore::groups_by_subject`]), as the Envoy filter's does.
+    pub fn grouped() -> Self {
+        Self {
+            grouped: true,
+            ..Self::default()
+        }
+    }
+
+    /// Number of entries held (counters, or subject records when grouped).
     pub fn len(&self) -> usize {
         self.counters.len()
     }
@@ -432,5 +657,9 @@ impl CounterStore for MemoryStore {
         }
         *entry = (bytes.to_vec(), version + 1);
         Ok(true)
+    }
+
+    fn groups_by_subject(&self) -> bool {
+        self.grouped
     }
 }

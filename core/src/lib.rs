@@ -21,6 +21,7 @@ pub mod decision;
 pub mod engine;
 pub mod event;
 pub mod gate;
+mod record;
 
 pub use decision::{Decision, Verdict};
 pub use engine::{CounterKey, CounterStore, MemoryStore, Request, Stored};

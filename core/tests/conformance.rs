@@ -1,5 +1,6 @@
 //! Replays `tests/conformance/vectors.json` through the core's edge flow (`Policy::gate`) with an
-//! in-memory store. The Envoy filter and the Worker end-to-end tests replay the same file over
+//! in-memory store, once with one entry per counter (as the Worker's Durable Object keeps them)
+//! and once grouped by subject (as the Envoy filter's shared data does). The Envoy filter and the Worker end-to-end tests replay the same file over
 //! HTTP; all three must produce exactly the statuses, headers and bodies written there.
 
 use std::collections::BTreeMap;
@@ -93,26 +94,12 @@ fn core_matches_the_conformance_vectors() {
     let vectors: Vectors = serde_json::from_str(text).unwrap();
     assert!(vectors.cases.len() >= 4);
     let mut failures = Vec::new();
-    for case in &vectors.cases {
-        let policy = Policy::from_json(&case.policy.to_string())
-            .unwrap_or_else(|e| panic!("case {}: {e}", case.name));
-        let mut store = MemoryStore::new();
-        for (i, step) in case.steps.iter().enumerate() {
-            let mut got = respond(&policy, &mut store, step);
-            if step.expect.body.is_none() {
-                got.body = None; // the vector does not pin a body for this step
-            }
-            if got != step.expect {
-                failures.push(format!(
-                    "{} step {i} ({} {}; {}):\n  expected {:?}\n  got      {:?}",
-                    case.name,
-                    step.method,
-                    step.path,
-                    step.note.as_deref().unwrap_or(""),
-                    step.expect,
-                    got
-                ));
-            }
+    for (layout, fresh) in [
+        ("per counter", MemoryStore::new as fn() -> MemoryStore),
+        ("grouped", MemoryStore::grouped),
+    ] {
+        for case in &vectors.cases {
+            replay(case, layout, fresh(), &mut failures);
         }
     }
     assert!(
@@ -121,4 +108,26 @@ fn core_matches_the_conformance_vectors() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+fn replay(case: &Case, layout: &str, mut store: MemoryStore, failures: &mut Vec<String>) {
+    let policy = Policy::from_json(&case.policy.to_string())
+        .unwrap_or_else(|e| panic!("case {}: {e}", case.name));
+    for (i, step) in case.steps.iter().enumerate() {
+        let mut got = respond(&policy, &mut store, step);
+        if step.expect.body.is_none() {
+            got.body = None; // the vector does not pin a body for this step
+        }
+        if got != step.expect {
+            failures.push(format!(
+                "{} ({layout}) step {i} ({} {}; {}):\n  expected {:?}\n  got      {:?}",
+                case.name,
+                step.method,
+                step.path,
+                step.note.as_deref().unwrap_or(""),
+                step.expect,
+                got
+            ));
+        }
+    }
 }

@@ -27,18 +27,22 @@ fn get<'a>(identity: &'a Identity, path: &'a str) -> Request<'a> {
     }
 }
 
-/// Wraps a store: the next `conflicts` writes report a conflict, and with `broken` every call fails.
+/// Wraps a store: the next `conflicts` writes report a conflict, and with `broken` every call
+/// fails. It counts its calls, and groups by subject when its inner store does.
 #[derive(Default)]
 struct FlakyStore {
     inner: MemoryStore,
     conflicts: u32,
     broken: bool,
+    loads: u32,
+    stores: u32,
 }
 
 impl CounterStore for FlakyStore {
     type Error = String;
 
     fn load(&mut self, key: &CounterKey) -> Result<Stored, String> {
+        self.loads += 1;
         if self.broken {
             return Err("store down".into());
         }
@@ -46,6 +50,7 @@ impl CounterStore for FlakyStore {
     }
 
     fn store(&mut self, key: &CounterKey, bytes: &[u8], version: u64) -> Result<bool, String> {
+        self.stores += 1;
         if self.broken {
             return Err("store down".into());
         }
@@ -54,6 +59,17 @@ impl CounterStore for FlakyStore {
             return Ok(false);
         }
         Ok(self.inner.store(key, bytes, version).unwrap_or(false))
+    }
+
+    fn groups_by_subject(&self) -> bool {
+        self.inner.groups_by_subject()
+    }
+}
+
+fn grouped() -> FlakyStore {
+    FlakyStore {
+        inner: MemoryStore::grouped(),
+        ..Default::default()
     }
 }
 
@@ -216,4 +232,139 @@ fn unlimited_override_lifts_all_rules_until_it_expires() {
     let after = Timestamp::from_secs(1_830_000_000); // past the expiry
     let d = p.decide(&get(&id, "/"), after, &mut store);
     assert_eq!(d.statuses.len(), 2, "the free plan's rules apply again");
+}
+
+/// Global, org and two user tiers (one per endpoint): what the Envoy bench's policy has.
+const FOUR_TIERS: &str = r#"{"version":1,"rules":[
+    {"name":"global","scope":"global","algorithm":"gcra","limit":50,"window":"1s","burst":50},
+    {"name":"org","scope":"org","algorithm":"sliding_window","limit":9,"window":"1m"},
+    {"name":"user","scope":"user","algorithm":"token_bucket","limit":5,"window":"1m"},
+    {"name":"items","scope":"user","algorithm":"fixed_window","limit":3,"window":"1m","endpoint":{"method":"GET","path":"/items"}}]}"#;
+
+#[test]
+fn grouped_stores_read_and_write_each_subject_once() {
+    let p = policy(FOUR_TIERS);
+    let id = user("u", "enterprise");
+    let mut per_counter = FlakyStore::default();
+    let mut by_subject = grouped();
+    let a = p.decide(&get(&id, "/items"), NOW, &mut per_counter);
+    let b = p.decide(&get(&id, "/items"), NOW, &mut by_subject);
+    assert_eq!((per_counter.loads, per_counter.stores), (4, 4));
+    // global; the org `org1`; the user's two tiers together.
+    assert_eq!((by_subject.loads, by_subject.stores), (3, 3));
+    assert_eq!(a.headers(&p.headers), b.headers(&p.headers));
+    assert_eq!(by_subject.inner.len(), 3);
+}
+
+#[test]
+fn grouped_cas_conflicts_retry_the_whole_subject_then_fail_open() {
+    let p = policy(FOUR_TIERS);
+    let id = user("u", "enterprise");
+    let mut store = grouped();
+    store.conflicts = 2;
+    let d = p.decide(&get(&id, "/items"), NOW, &mut store);
+    assert!(d.allowed());
+    assert_eq!((d.stats.cas_retries, d.stats.failures), (2, 0));
+    // Each tier noted once, however many attempts its subject took.
+    let remaining: Vec<u64> = d.statuses.iter().map(|s| s.outcome.remaining).collect();
+    assert_eq!(remaining, [49, 8, 4, 2]);
+
+    // Every write of the first subject (global) loses: its one tier fails open, the rest count.
+    store.conflicts = MAX_CAS_ATTEMPTS;
+    let d = p.decide(&get(&id, "/items"), NOW, &mut store);
+    assert!(d.allowed());
+    assert_eq!(d.stats.failures, 1);
+    let names: Vec<&str> = d.statuses.iter().map(|s| &*s.rule.name).collect();
+    assert_eq!(names, ["org", "user", "items"]);
+    assert_eq!(d.statuses[2].outcome.remaining, 1);
+}
+
+#[test]
+fn grouped_denial_refunds_the_tiers_of_the_same_subject() {
+    let p = policy(FOUR_TIERS);
+    let id = user("u", "enterprise");
+    let mut store = grouped();
+    for _ in 0..3 {
+        assert!(p.decide(&get(&id, "/items"), NOW, &mut store).allowed());
+    }
+    // `items` denies: `user` (same record) and `global`, `org` are given their unit back.
+    let d = p.decide(&get(&id, "/items"), NOW, &mut store);
+    assert_eq!(
+        (d.verdict, d.rule.as_deref()),
+        (Verdict::Limited, Some("items"))
+    );
+    let status = p.status(&get(&id, "/items"), NOW, &mut store);
+    let remaining: Vec<(&str, u64)> = status
+        .iter()
+        .map(|s| (&*s.rule.name, s.outcome.remaining))
+        .collect();
+    assert_eq!(
+        remaining,
+        [("global", 47), ("org", 6), ("user", 2), ("items", 0)]
+    );
+}
+
+#[test]
+fn grouped_leases_and_charges_update_their_entry_only() {
+    let p = policy(
+        r#"{"version":1,"rules":[
+            {"name":"inflight","algorithm":"concurrency","limit":1},
+            {"name":"tokens","algorithm":"token_bucket","limit":1000,"window":"1m"}]}"#,
+    );
+    let id = user("u", "enterprise");
+    let mut store = MemoryStore::grouped();
+    let a = p.decide(&get(&id, "/"), NOW, &mut store);
+    assert_eq!(a.leases.len(), 1);
+    assert_eq!(
+        p.decide(&get(&id, "/"), NOW, &mut store).verdict,
+        Verdict::Limited
+    );
+    p.charge(&get(&id, "/"), NOW, 500, &mut store);
+    p.release(&a.leases[0], NOW, &mut store);
+    let d = p.decide(&get(&id, "/"), NOW, &mut store);
+    assert!(d.allowed(), "the lease was released");
+    let tokens = d
+        .statuses
+        .iter()
+        .find(|s| &*s.rule.name == "tokens")
+        .unwrap();
+    // 1000 − 1 (first) − 500 (charged) − 1 (this one); the denied request was refunded.
+    assert_eq!(tokens.outcome.remaining, 498);
+}
+
+proptest::proptest! {
+    /// Grouping by subject is a layout, not a policy: any sequence of requests from a few
+    /// users of a few orgs, with weighted costs, post-response charges and time passing, gets
+    /// the same verdicts, headers and standing from a grouped store as from one entry per
+    /// counter.
+    #[test]
+    fn grouped_and_per_counter_stores_answer_alike(
+        steps in proptest::collection::vec(
+            (0usize..4, 0usize..3, proptest::bool::ANY, 0u64..4, 0u64..20_000, 0u64..3),
+            1..120,
+        )
+    ) {
+        let p = policy(FOUR_TIERS);
+        let (mut a, mut b) = (MemoryStore::new(), MemoryStore::grouped());
+        let mut now = NOW;
+        for (who, org, items, cost, gap_ms, extra) in steps {
+            now = Timestamp::from_millis(now.as_millis() + gap_ms);
+            let mut id = user(&format!("user{who}"), "enterprise");
+            id.org = (org > 0).then(|| Arc::from(format!("org{org}")));
+            let req = Request { cost, ..get(&id, if items { "/items" } else { "/other" }) };
+            let (da, db) = (p.decide(&req, now, &mut a), p.decide(&req, now, &mut b));
+            proptest::prop_assert_eq!(da.verdict, db.verdict);
+            proptest::prop_assert_eq!(&da.rule, &db.rule);
+            proptest::prop_assert_eq!(da.headers(&p.headers), db.headers(&p.headers));
+            p.charge(&req, now, extra, &mut a);
+            p.charge(&req, now, extra, &mut b);
+            let standing = |s: Vec<tollgate_core::decision::RuleStatus>| -> Vec<(u64, u64)> {
+                s.iter().map(|s| (s.outcome.remaining, s.outcome.reset_after)).collect()
+            };
+            proptest::prop_assert_eq!(
+                standing(p.status(&req, now, &mut a)),
+                standing(p.status(&req, now, &mut b))
+            );
+        }
+    }
 }

@@ -1,25 +1,28 @@
 //! Counters in proxy-wasm shared data: one process-wide table that every worker's VM reads and
 //! writes with compare-and-swap, so all workers share one count per key.
 //!
-//! **Layout.** A fixed table of `slots` entries, keys `tg:<slots>:<n>`. A counter lives in slot
-//! `fingerprint(key) % slots`; the value is the key's 8-byte fingerprint, the state's length
-//! (2 bytes), the algorithm's state bytes and zero padding up to [`SLOT_WIDTH`] bytes. A value
-//! with length 0 is a vacant slot.
+//! **Layout.** A fixed table of `slots` entries, keys `tg:w128:<slots>:<n>`. The store groups
+//! counters by subject ([`CounterStore::groups_by_subject`]): all of one caller's counters (or
+//! one org's, or the global ones) are one record (`tollgate_core`'s subject record: each rule's
+//! state under the rule's id), so a request's tiers of one caller cost one `get` and one CAS
+//! `set` between them, not one of each per tier. A record lives in slot
+//! `fingerprint(key) % slots`; the value is the record key's 8-byte fingerprint, the record's
+//! length (2 bytes), the record and zero padding up to [`SLOT_WIDTH`] bytes. A value with length
+//! 0 is a vacant slot.
 //!
 //! **Why fixed width.** Envoy replaces a shared-data value with a new string of the value's
 //! size. Were vacant slots empty (no heap) and used ones ~30 bytes, memory would grow by a heap
 //! allocation per key until every slot was used. Written full-width from the start — vacant
 //! ones too — every slot's allocation is made once, at startup, and each update swaps it for one
 //! of the same size: memory stays flat from the first request, whatever the number of distinct
-//! keys, about `slots × (key ~16 B + value 64 B + Envoy's map and string overhead)`. States
-//! larger than the width (sliding logs of more than three entries) still work; only their slots
-//! grow.
+//! keys, about `slots × (key ~16 B + value 128 B + Envoy's map and string overhead)`. Records
+//! larger than the width (see [`SLOT_WIDTH`]) still work; only their slots grow.
 //!
-//! **Eviction rule.** A slot holding another key's fingerprint reads as absent for this key;
-//! the newcomer's CAS write takes the slot over, and the evicted key starts fresh the next time
-//! it is seen (it may be granted up to one more window's worth). Size `slots` well above the
-//! number of keys live in one window so that collisions stay rare: with `k` live keys the share
-//! of keys sharing a slot is about `k / slots`.
+//! **Eviction rule.** A slot holding another subject's fingerprint reads as absent for this
+//! one; the newcomer's CAS write takes the slot over, and the evicted subject starts fresh the
+//! next time it is seen (each of its tiers may grant up to one more window's worth). Size
+//! `slots` well above the number of callers (and orgs) live in one window so that collisions
+//! stay rare: with `k` live subjects the share of them sharing a slot is about `k / slots`.
 //!
 //! **Why the table is pre-written.** Envoy's `set_shared_data` ignores the CAS token for a key
 //! that does not exist yet (it simply creates it), and a never-written key has no token to
@@ -55,10 +58,11 @@ pub trait SharedData {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError>;
 }
 
-/// Bytes of every slot value: fingerprint (8), state length (2), state, zero padding. 64 holds
-/// every fixed-size state (the largest, a token bucket or sliding window, is ~25 bytes) with
-/// room for short sliding logs.
-pub const SLOT_WIDTH: usize = 64;
+/// Bytes of every slot value: fingerprint (8), record length (2), record, zero padding. The
+/// 117 bytes left hold a subject's record of three tiers of the largest fixed-size states
+/// (sliding window, calendar quota: 25 bytes, plus 6 of entry header each), or more of the
+/// smaller ones (fixed window 17, GCRA and token bucket 9).
+pub const SLOT_WIDTH: usize = 128;
 
 /// Bytes before the state.
 const HEADER: usize = 10;
@@ -98,18 +102,19 @@ pub fn slot_key(slots: u32, n: u32) -> String {
 }
 
 /// [`slot_key`] into `key`, replacing what it held. By hand, not with `format!`: it runs twice
-/// per tier of every request.
+/// per subject of every request.
 fn write_slot_key(key: &mut String, slots: u32, n: u32) {
-    // `w64`: the value layout, so a filter with another layout never misreads this table.
+    // `w128`: the value layout (128-byte subject records; `w64` held one counter per slot), so
+    // a filter with another layout never misreads this table.
     key.clear();
-    key.push_str("tg:w64:");
+    key.push_str("tg:w128:");
     key.push_str(itoa::Buffer::new().format(slots));
     key.push(':');
     key.push_str(itoa::Buffer::new().format(n));
 }
 
 fn marker_key(slots: u32) -> String {
-    format!("tg:w64:{slots}:ready")
+    format!("tg:w128:{slots}:ready")
 }
 
 /// Writes every slot of the table (vacant) unless the table is already marked done. Returns
@@ -206,6 +211,10 @@ impl<H: SharedData> CounterStore for SlotStore<'_, H> {
         self.host
             .set(&self.slot, &encode_slot(fp, bytes), Some(cas))
     }
+
+    fn groups_by_subject(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
@@ -263,7 +272,7 @@ mod tests {
         assert_eq!(init_table(&host, 16).unwrap(), 0);
         assert_eq!(host.map.borrow().len(), 17);
         // Vacant slots are already full width: using them allocates nothing new.
-        assert_eq!(host.map.borrow()["tg:w64:16:3"].0, vec![0u8; SLOT_WIDTH]);
+        assert_eq!(host.map.borrow()["tg:w128:16:3"].0, vec![0u8; SLOT_WIDTH]);
     }
 
     #[test]
@@ -272,7 +281,7 @@ mod tests {
         init_table(&host, 4).unwrap();
         let mut s = SlotStore::new(&host, 4);
         let k = CounterKey::from("r|u:a");
-        for state in [&b"x"[..], &[7u8; 54][..], &[9u8; 100][..]] {
+        for state in [&b"x"[..], &[7u8; 118][..], &[9u8; 200][..]] {
             let st = s.load(&k).unwrap();
             assert!(s.store(&k, state, st.version).unwrap());
             assert_eq!(s.load(&k).unwrap().bytes.as_deref(), Some(state));

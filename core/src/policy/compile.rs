@@ -1,6 +1,7 @@
 //! Compiling a [`PolicyDocument`] into a [`Policy`]: parse durations, patterns, hashes and
 //! timestamps once, check every cross-reference, and name the field of the first error.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use crate::algorithm::{
     SlidingWindow, TokenBucket,
 };
 use crate::hash;
+use crate::record::rule_id;
 use crate::time::{Timestamp, NANOS_PER_SEC};
 
 /// A policy that cannot be used, and where.
@@ -249,7 +251,7 @@ impl TryFrom<PolicyDocument> for Policy {
                 "only version 1 exists; write `\"version\": 1`",
             ));
         }
-        let mut names = HashSet::new();
+        let mut names = HashMap::new();
         let mut routes = Vec::new();
         let mut global_rules = Vec::new();
         for (i, spec) in doc.rules.iter().enumerate() {
@@ -394,14 +396,25 @@ fn check_name(name: &str, field: &str) -> Result<(), PolicyError> {
     }
 }
 
-fn unique(names: &mut HashSet<String>, name: &str, field: &str) -> Result<(), PolicyError> {
-    if names.insert(name.to_string()) {
-        Ok(())
-    } else {
-        Err(PolicyError::new(
+/// Rule names are unique, and so are their ids in a subject record (`crate::record`): two
+/// names sharing an id would share a counter in a store that groups by subject.
+fn unique(names: &mut HashMap<u32, String>, name: &str, field: &str) -> Result<(), PolicyError> {
+    match names.entry(rule_id(name)) {
+        Entry::Vacant(v) => {
+            v.insert(name.to_string());
+            Ok(())
+        }
+        Entry::Occupied(o) if o.get() == name => Err(PolicyError::new(
             field,
             format!("rule name '{name}' is used twice"),
-        ))
+        )),
+        Entry::Occupied(o) => Err(PolicyError::new(
+            field,
+            format!(
+                "rule names '{}' and '{name}' hash to the same counter id; rename one",
+                o.get()
+            ),
+        )),
     }
 }
 
@@ -741,6 +754,30 @@ mod tests {
 
     fn err(json: &str) -> PolicyError {
         Policy::from_json(json).unwrap_err()
+    }
+
+    #[test]
+    fn rule_names_whose_counter_ids_collide_are_refused() {
+        // Two valid names with the same 32-bit id, found by birthday search (~2^16 names).
+        let mut seen = HashMap::new();
+        let (a, b) = (0..1_000_000)
+            .map(|i| format!("r{i}"))
+            .find_map(|name| {
+                let id = rule_id(&name);
+                seen.insert(id, name.clone()).map(|other| (other, name))
+            })
+            .unwrap();
+        let rule = |n: &str| {
+            format!(r#"{{"name":"{n}","algorithm":"fixed_window","limit":1,"window":"1m"}}"#)
+        };
+        let e = err(&format!(
+            r#"{{"version":1,"rules":[{},{}]}}"#,
+            rule(&a),
+            rule(&b)
+        ));
+        assert_eq!(e.field, "rules[1].name");
+        assert!(e.to_string().contains("same counter id"), "{e}");
+        assert!(Policy::from_json(&format!(r#"{{"version":1,"rules":[{}]}}"#, rule(&a))).is_ok());
     }
 
     #[test]
