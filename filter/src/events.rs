@@ -27,6 +27,8 @@
 //! holds at most a tick's worth of traffic.
 
 use std::collections::VecDeque;
+
+use serde::Serialize;
 use std::time::Duration;
 
 use crate::config::Batching;
@@ -225,29 +227,51 @@ pub const CHUNK_EVENTS: usize = 64;
 /// so the newline separates events unambiguously.
 #[derive(Debug, Default)]
 pub struct Chunk {
-    text: String,
+    text: Vec<u8>,
     count: usize,
 }
 
+/// A full chunk: newline-separated JSON events, and how many.
+pub type FullChunk = (Vec<u8>, usize);
+
 impl Chunk {
-    /// Adds one event's JSON; returns the full chunk (and how many events it holds) when this
-    /// event completed it.
-    pub fn push(&mut self, event: &str) -> Option<(String, usize)> {
-        if self.count > 0 {
-            self.text.push('\n');
+    /// Adds one event's JSON; returns the full chunk when this event completed it.
+    pub fn push(&mut self, event: &str) -> Option<FullChunk> {
+        self.separate();
+        self.text.extend_from_slice(event.as_bytes());
+        self.added()
+    }
+
+    /// Serialises one event straight into the chunk (no string of its own to build and copy);
+    /// returns the full chunk when this event completed it. On an error nothing is added.
+    pub fn push_event<T: Serialize>(&mut self, event: &T) -> serde_json::Result<Option<FullChunk>> {
+        let before = self.text.len();
+        self.separate();
+        if let Err(e) = serde_json::to_writer(&mut self.text, event) {
+            self.text.truncate(before);
+            return Err(e);
         }
-        self.text.push_str(event);
+        Ok(self.added())
+    }
+
+    fn separate(&mut self) {
+        if self.count > 0 {
+            self.text.push(b'\n');
+        }
+    }
+
+    fn added(&mut self) -> Option<FullChunk> {
         self.count += 1;
         (self.count >= CHUNK_EVENTS).then(|| self.take()).flatten()
     }
 
     /// Whatever is gathered, emptying the chunk; `None` when empty.
-    pub fn take(&mut self) -> Option<(String, usize)> {
+    pub fn take(&mut self) -> Option<FullChunk> {
         if self.count == 0 {
             return None;
         }
         let count = std::mem::take(&mut self.count);
-        let text = std::mem::replace(&mut self.text, String::with_capacity(CHUNK_EVENTS * 512));
+        let text = std::mem::replace(&mut self.text, Vec::with_capacity(CHUNK_EVENTS * 512));
         Some((text, count))
     }
 }
@@ -393,10 +417,39 @@ mod tests {
         let rest = chunk.take().unwrap();
         assert_eq!(rest.1, 3);
         assert!(chunk.take().is_none(), "taken means empty");
-        let back: Vec<&str> = chunk_events(&full[0].0)
-            .chain(chunk_events(&rest.0))
-            .collect();
+        let (first, rest) = (
+            std::str::from_utf8(&full[0].0).unwrap(),
+            std::str::from_utf8(&rest.0).unwrap(),
+        );
+        let back: Vec<&str> = chunk_events(first).chain(chunk_events(rest)).collect();
         assert_eq!(back, events.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn events_are_serialised_into_the_chunk_as_their_json() {
+        #[derive(serde::Serialize)]
+        struct Event<'a> {
+            n: u32,
+            text: &'a str,
+        }
+        let mut chunk = Chunk::default();
+        chunk.push_event(&Event { n: 1, text: "a\nb" }).unwrap();
+        chunk.push(r#"{"n":2}"#);
+        // A value serde_json refuses (a map with non-string keys) adds nothing.
+        let bad: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        assert!(chunk.push_event(&bad).is_err());
+        chunk.push_event(&Event { n: 3, text: "" }).unwrap();
+        let (text, count) = chunk.take().unwrap();
+        assert_eq!(count, 3);
+        let back: Vec<&str> = chunk_events(std::str::from_utf8(&text).unwrap()).collect();
+        assert_eq!(
+            back,
+            [
+                r#"{"n":1,"text":"a\nb"}"#,
+                r#"{"n":2}"#,
+                r#"{"n":3,"text":""}"#
+            ]
+        );
     }
 
     #[test]

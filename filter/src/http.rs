@@ -50,6 +50,9 @@ pub struct Request {
     cost: u64,
     /// The request ended with its headers: its body size is 0 without asking the host.
     bodiless: bool,
+    /// The response's `:status`, read with its headers: a header read costs a quarter of the
+    /// `response.code` property read the log phase would otherwise make.
+    response_status: Option<u16>,
     decided: Option<Decided>,
 }
 
@@ -64,6 +67,7 @@ impl Request {
             path: String::new(),
             cost: 1,
             bodiless: false,
+            response_status: None,
             decided: None,
         }
     }
@@ -275,8 +279,11 @@ impl Request {
         if self.rt.queue.is_none() {
             return;
         }
-        let status = host::property_u64(&["response", "code"])
-            .and_then(|c| u16::try_from(c).ok())
+        let status = self
+            .response_status
+            .or_else(|| {
+                host::property_u64(&["response", "code"]).and_then(|c| u16::try_from(c).ok())
+            })
             .filter(|c| (100..=599).contains(c))
             .or(decided.local_status)
             .unwrap_or(200);
@@ -329,15 +336,13 @@ impl Request {
             fingerprint: Some(request_fingerprint(&self.method, path, query)),
         };
         watch.lap(Part::EventBuild);
-        let json = match serde_json::to_string(&event) {
-            Ok(json) => json,
-            Err(_) => {
-                self.rt.metrics.inc(Metric::EventsDropped);
-                return;
-            }
-        };
+        let gathered = self.rt.gather_event(&event);
         watch.lap(Part::EventSerialize);
-        self.rt.queue_event(&json);
+        match gathered {
+            Ok(Some((chunk, count))) => self.rt.enqueue(&chunk, count),
+            Ok(None) => {}
+            Err(_) => self.rt.metrics.inc(Metric::EventsDropped),
+        }
         watch.lap(Part::EventQueue);
     }
 }
@@ -375,6 +380,7 @@ impl HttpContext for Request {
         if local {
             return Action::Continue; // our own reply already carries its headers
         }
+        self.response_status = host::response_header(":status").and_then(|s| s.parse().ok());
         self.charge_reported_cost();
         let mut watch = Stopwatch::start();
         if let Some(decided) = &self.decided {

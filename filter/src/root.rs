@@ -9,12 +9,12 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
-use tollgate_core::event::EventIdGenerator;
+use tollgate_core::event::{EventIdGenerator, UsageEvent};
 use tollgate_core::hash::fingerprint;
 use tollgate_core::Policy;
 
 use crate::config::{Compiled, Settings};
-use crate::events::{acquire_lease, chunk_events, Chunk, Flush, Outbox, Outcome};
+use crate::events::{acquire_lease, chunk_events, Chunk, Flush, FullChunk, Outbox, Outcome};
 use crate::host::{self, Host};
 use crate::http::Request;
 use crate::metrics::{Metric, Metrics};
@@ -49,12 +49,10 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Gathers one event's JSON; puts the chunk on the shared queue once it is full.
-    pub fn queue_event(&self, json: &str) {
-        let full = self.pending.borrow_mut().push(json);
-        if let Some((chunk, count)) = full {
-            self.enqueue(&chunk, count);
-        }
+    /// Serialises one event into this VM's chunk; returns the chunk when that filled it, to be
+    /// handed to [`Runtime::enqueue`].
+    pub fn gather_event(&self, event: &UsageEvent) -> serde_json::Result<Option<FullChunk>> {
+        self.pending.borrow_mut().push_event(event)
     }
 
     /// Puts whatever this VM has gathered on the shared queue (every tick, and at shutdown).
@@ -65,11 +63,12 @@ impl Runtime {
         }
     }
 
-    fn enqueue(&self, chunk: &str, count: usize) {
+    /// Puts a chunk of `count` events on the shared queue.
+    pub fn enqueue(&self, chunk: &[u8], count: usize) {
         let Some(queue) = self.queue else {
             return;
         };
-        match hostcalls::enqueue_shared_queue(queue, Some(chunk.as_bytes())) {
+        match hostcalls::enqueue_shared_queue(queue, Some(chunk)) {
             Ok(()) => self.metrics.add(Metric::EventsQueued, count as u64),
             Err(s) => {
                 self.metrics.add(Metric::EventsDropped, count as u64);

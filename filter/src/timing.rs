@@ -27,9 +27,9 @@ pub enum Part {
     LogPhase,
     /// Building the usage event.
     EventBuild,
-    /// Serialising it.
+    /// Serialising it into the VM's chunk of events.
     EventSerialize,
-    /// Queueing it.
+    /// Putting a full chunk on the shared queue (every 64th event or so).
     EventQueue,
 }
 
