@@ -347,7 +347,7 @@ impl Policy {
             ..Deciding::default()
         };
         for unit in &units {
-            self.decide_unit(&checks, unit, grouped, now, req.cost, store, &mut d);
+            self.decide_unit(&checks, unit, now, req.cost, store, &mut d);
         }
 
         let verdict = if d.denied() {
@@ -425,17 +425,16 @@ impl Policy {
     /// the states read (taking units while nothing has denied, only reading after), then one
     /// CAS write of what was taken. A lost CAS undoes the attempt's notes and decides again
     /// from a fresh read.
-    #[allow(clippy::too_many_arguments)]
     fn decide_unit<S: CounterStore>(
         &self,
         checks: &[Check],
         unit: &Unit,
-        grouped: bool,
         now: Timestamp,
         cost: u64,
         store: &mut S,
         d: &mut Deciding,
     ) {
+        let grouped = store.groups_by_subject();
         let mine = &checks[unit.checks.clone()];
         for _ in 0..MAX_CAS_ATTEMPTS {
             let Ok(stored) = store.load(&unit.key) else {
