@@ -220,7 +220,7 @@ impl Decision {
 /// `RateLimit-Policy` and `RateLimit` values: one list member per enforced rule, named by the
 /// rule, as draft-ietf-httpapi-ratelimit-headers-10 lays them out (`"name";q=..;w=..` and
 /// `"name";r=..;t=..`). Rule names are `[a-z0-9_.-]`, so they need no escaping in an sf-string.
-fn ietf_fields<'a>(statuses: impl Iterator<Item = &'a RuleStatus>) -> (String, String) {
+fn ietf_fields<'a>(statuses: impl Iterator<Item = &'a RuleStatus> + Clone) -> (String, String) {
     // Appended piece by piece rather than with `write!`: the edges build these on every
     // allowed request, and `core::fmt` was the larger part of that.
     fn member(out: &mut String, name: &str, pairs: [(&str, Option<u64>); 2]) {
@@ -239,7 +239,13 @@ fn ietf_fields<'a>(statuses: impl Iterator<Item = &'a RuleStatus>) -> (String, S
             }
         }
     }
-    let (mut policy, mut current) = (String::with_capacity(96), String::with_capacity(96));
+    // Sized up front (a member is its quoted name and at most two `;x=<u64>` pairs), so the
+    // strings are not copied as they grow: a fixed 96 bytes held two or three rules' members.
+    let capacity: usize = statuses.clone().map(|s| s.rule.name.len() + 48).sum();
+    let (mut policy, mut current) = (
+        String::with_capacity(capacity),
+        String::with_capacity(capacity),
+    );
     for s in statuses {
         let name = &*s.rule.name;
         member(

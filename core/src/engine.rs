@@ -173,24 +173,24 @@ struct Unit {
 /// The request's store entries, in check order.
 fn units(checks: &[Check], grouped: bool) -> Vec<Unit> {
     let mut units: Vec<Unit> = Vec::with_capacity(checks.len());
+    let mut last_subject = None;
     for (i, check) in checks.iter().enumerate() {
-        if grouped {
-            if let Some(last) = units.last_mut() {
-                if checks[last.checks.start].key.subject() == check.key.subject() {
-                    last.checks.end = i + 1;
-                    continue;
-                }
-            }
+        if !grouped {
+            units.push(Unit {
+                key: check.key.clone(),
+                checks: i..i + 1,
+            });
+            continue;
         }
-        let key = if grouped {
-            check.key.subject_record()
-        } else {
-            check.key.clone()
-        };
-        units.push(Unit {
-            key,
-            checks: i..i + 1,
-        });
+        let subject = check.key.subject();
+        match units.last_mut() {
+            Some(last) if last_subject == Some(subject) => last.checks.end = i + 1,
+            _ => units.push(Unit {
+                key: check.key.subject_record(),
+                checks: i..i + 1,
+            }),
+        }
+        last_subject = Some(subject);
     }
     units
 }

@@ -104,13 +104,18 @@ pub fn slot_key(slots: u32, n: u32) -> String {
 /// [`slot_key`] into `key`, replacing what it held. By hand, not with `format!`: it runs twice
 /// per subject of every request.
 fn write_slot_key(key: &mut String, slots: u32, n: u32) {
+    key.clear();
+    write_table_prefix(key, slots);
+    key.push_str(itoa::Buffer::new().format(n));
+}
+
+/// `tg:w128:<slots>:`, the part of every slot key its table shares.
+fn write_table_prefix(key: &mut String, slots: u32) {
     // `w128`: the value layout (128-byte subject records; `w64` held one counter per slot), so
     // a filter with another layout never misreads this table.
-    key.clear();
     key.push_str("tg:w128:");
     key.push_str(itoa::Buffer::new().format(slots));
     key.push(':');
-    key.push_str(itoa::Buffer::new().format(n));
 }
 
 fn marker_key(slots: u32) -> String {
@@ -147,17 +152,23 @@ pub struct SlotStore<'h, H: SharedData> {
     pub created_late: u32,
     /// The current slot's key, rebuilt in place for each counter (no allocation per call).
     slot: String,
+    /// Where the table's prefix ends in `slot`: only the slot number after it changes.
+    prefix: usize,
 }
 
 impl<'h, H: SharedData> SlotStore<'h, H> {
     /// A store over a table of `slots` (at least 1).
     pub fn new(host: &'h H, slots: u32) -> Self {
+        let slots = slots.max(1);
+        let mut slot = String::with_capacity(32);
+        write_table_prefix(&mut slot, slots);
         Self {
             host,
-            slots: slots.max(1),
+            slots,
             fail: false,
             created_late: 0,
-            slot: String::new(),
+            prefix: slot.len(),
+            slot,
         }
     }
 
@@ -166,7 +177,8 @@ impl<'h, H: SharedData> SlotStore<'h, H> {
         let fp = key.fingerprint();
         // `slots` ≤ 2^24, so the remainder fits in u32.
         let n = u32::try_from(fp % u64::from(self.slots)).unwrap_or(0);
-        write_slot_key(&mut self.slot, self.slots, n);
+        self.slot.truncate(self.prefix);
+        self.slot.push_str(itoa::Buffer::new().format(n));
         fp
     }
 }
