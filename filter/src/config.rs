@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tollgate_core::gate::GateOptions;
 use tollgate_core::Policy;
 
-/// Upper bound on `slots`: 16 Mi slots is ~3 GiB of shared data, past any sane deployment.
+/// Upper bound on `slots`: 16 Mi slots is ~4 GiB of shared data, past any sane deployment.
 pub const MAX_SLOTS: u32 = 1 << 24;
 
 /// The plugin configuration as written in Envoy's `configuration` field.
@@ -61,8 +61,9 @@ pub struct FilterConfig {
     /// How often `config_url` is polled.
     #[serde(default = "defaults::config_poll_ms")]
     pub config_poll_ms: u64,
-    /// Counter slots in shared data: memory is flat at `slots` entries whatever the number of
-    /// keys; size it above the number of keys live in one window so evictions stay rare.
+    /// Slots in shared data, one per subject (a caller, an org, the global scope): memory is
+    /// flat at `slots` entries whatever the number of callers; size it above the number of
+    /// subjects live in one window so evictions stay rare.
     #[serde(default = "defaults::slots")]
     pub slots: u32,
     /// Test-only knobs; see [`TestOnly`].
@@ -251,7 +252,7 @@ pub struct Settings {
     pub claims: ClaimsConfig,
     /// Policy polling.
     pub policy_source: Option<PolicySource>,
-    /// Counter slots.
+    /// Slots of the counter table, one per subject.
     pub slots: u32,
     /// Test-only clock header (lower case).
     pub clock_header: Option<String>,
