@@ -240,6 +240,9 @@ struct Deciding {
     statuses: Vec<RuleStatus>,
     /// Checks charged so far, as indices.
     committed: Vec<usize>,
+    /// Charged checks already given back in their unit's own write (a later check of the same
+    /// entry denied), as indices.
+    refunded: Vec<usize>,
     denied_by: Option<Arc<str>>,
     shadow_denied_by: Option<Arc<str>>,
     failed_closed: bool,
@@ -249,6 +252,7 @@ struct Deciding {
 struct Mark {
     statuses: usize,
     committed: usize,
+    refunded: usize,
     denied_by: Option<Arc<str>>,
     shadow_denied_by: Option<Arc<str>>,
     failed_closed: bool,
@@ -263,6 +267,7 @@ impl Deciding {
         Mark {
             statuses: self.statuses.len(),
             committed: self.committed.len(),
+            refunded: self.refunded.len(),
             denied_by: self.denied_by.clone(),
             shadow_denied_by: self.shadow_denied_by.clone(),
             failed_closed: self.failed_closed,
@@ -272,6 +277,7 @@ impl Deciding {
     fn undo(&mut self, mark: Mark) {
         self.statuses.truncate(mark.statuses);
         self.committed.truncate(mark.committed);
+        self.refunded.truncate(mark.refunded);
         self.denied_by = mark.denied_by;
         self.shadow_denied_by = mark.shadow_denied_by;
         self.failed_closed = mark.failed_closed;
@@ -352,36 +358,39 @@ impl Policy {
 
         let verdict = if d.denied() {
             for unit in &units {
-                let charged: Vec<&Check> = d
+                let charged: Vec<usize> = d
                     .committed
                     .iter()
+                    .copied()
                     .filter(|i| unit.checks.contains(i))
+                    .collect();
+                let pending: Vec<&Check> = charged
+                    .iter()
+                    .filter(|i| !d.refunded.contains(i))
                     .map(|&i| &checks[i])
                     .collect();
-                if charged.is_empty() {
-                    continue;
-                }
-                let refunded = update(store, &unit.key, grouped, &mut d.stats, |held| {
-                    for check in &charged {
-                        let state =
-                            check
-                                .rule
-                                .limiter
-                                .refund(held.get(&check.rule.name), now, req.cost);
-                        held.set(&check.rule.name, state);
-                    }
-                });
-                if refunded.is_err() {
-                    d.stats.failures += charged.len() as u32;
-                    continue;
+                let given_back = pending.is_empty()
+                    || update(store, &unit.key, grouped, &mut d.stats, |held| {
+                        for check in &pending {
+                            let state = check.rule.limiter.refund(
+                                held.get(&check.rule.name),
+                                now,
+                                req.cost,
+                            );
+                            held.set(&check.rule.name, state);
+                        }
+                    })
+                    .is_ok();
+                if !given_back {
+                    d.stats.failures += pending.len() as u32;
                 }
                 // Headers must show what the caller has left after the refund.
-                for check in &charged {
-                    if let Some(s) = d
-                        .statuses
-                        .iter_mut()
-                        .find(|s| s.rule.name == check.rule.name)
-                    {
+                for &i in &charged {
+                    if !given_back && !d.refunded.contains(&i) {
+                        continue;
+                    }
+                    let name = &checks[i].rule.name;
+                    if let Some(s) = d.statuses.iter_mut().find(|s| &s.rule.name == name) {
                         s.outcome.remaining = s
                             .outcome
                             .remaining
@@ -443,6 +452,7 @@ impl Policy {
             };
             let mut held = Held::new(stored.bytes, grouped);
             let mark = d.mark();
+            let was_denied = d.denied();
             let mut taken = false;
             for (i, check) in unit.checks.clone().zip(mine) {
                 let state = held.get(&check.rule.name);
@@ -458,6 +468,20 @@ impl Policy {
                     outcome
                 };
                 d.note(i, check, outcome, cost, now);
+            }
+            if !was_denied && d.denied() {
+                // A check of this entry denied after others of it were taken: give those back
+                // in this same write, so no other request ever sees them taken (units of other
+                // entries are refunded after, in `decide`).
+                for &i in &d.committed[mark.committed..] {
+                    let check = &checks[i];
+                    let state = check
+                        .rule
+                        .limiter
+                        .refund(held.get(&check.rule.name), now, cost);
+                    held.set(&check.rule.name, state);
+                    d.refunded.push(i);
+                }
             }
             if !taken {
                 return;

@@ -288,11 +288,17 @@ fn grouped_denial_refunds_the_tiers_of_the_same_subject() {
         assert!(p.decide(&get(&id, "/items"), NOW, &mut store).allowed());
     }
     // `items` denies: `user` (same record) and `global`, `org` are given their unit back.
+    (store.loads, store.stores) = (0, 0);
     let d = p.decide(&get(&id, "/items"), NOW, &mut store);
     assert_eq!(
         (d.verdict, d.rule.as_deref()),
         (Verdict::Limited, Some("items"))
     );
+    // `user` is given back in the record's one write, so no other request ever sees it taken;
+    // `global` and `org`, written before `items` denied, take a read and a write each more.
+    assert_eq!((store.loads, store.stores), (5, 5));
+    let user = d.statuses.iter().find(|s| &*s.rule.name == "user").unwrap();
+    assert_eq!(user.outcome.remaining, 2, "headers show the refund");
     let status = p.status(&get(&id, "/items"), NOW, &mut store);
     let remaining: Vec<(&str, u64)> = status
         .iter()

@@ -1,5 +1,5 @@
 //! The filter's decisions through the real Envoy (`--concurrency 2`): exact enforcement under
-//! concurrent load across both workers, every algorithm, tiers, shadow mode, overrides, bypass,
+//! concurrent load across both workers (one tier, and two tiers of one caller), every algorithm, tiers, shadow mode, overrides, bypass,
 //! the failure mode, the status path, weighted cost and a rejected configuration.
 
 use std::time::Duration;
@@ -112,6 +112,82 @@ fn exact_enforcement_per_key_under_concurrent_load_across_both_workers() -> Resu
         anyhow::ensure!(
             (allowed, limited) == (2 * LIMIT as u64, 200),
             "stats allowed={allowed} limited={limited}"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// A caller's tiers share one shared-data entry and are decided together, with one CAS write per
+/// request. Under concurrent load from both workers each caller gets exactly its budget (a lost
+/// update would grant more) and the endpoint never more than its limit. (That a request the
+/// endpoint denies gives its budget unit back in that same write, never holding it, is shown by
+/// the core's `grouped_denial_refunds_the_tiers_of_the_same_subject`: the window a separate
+/// refund leaves is too short for a load test to hit reliably.)
+#[test]
+fn tiers_of_one_caller_are_decided_together_under_concurrent_load() -> Result<()> {
+    const BUDGET: usize = 60;
+    const ITEMS: usize = 25;
+    let policy = json!({
+        "version": 1,
+        "keys": [
+            {"id": "alice", "hash": key_hash("sk_alice"), "plan": "enterprise"},
+            {"id": "bob", "hash": key_hash("sk_bob"), "plan": "enterprise"}
+        ],
+        "rules": [
+            {"name": "budget", "algorithm": "fixed_window", "limit": BUDGET, "window": "1h"},
+            {"name": "items", "algorithm": "fixed_window", "limit": ITEMS, "window": "1h",
+             "endpoint": {"method": "GET", "path": "/v1/items"}}
+        ]
+    });
+    let (envoy, upstream) = start(policy, json!({}))?;
+    // 300 requests from 25 connections: per key 75 to the endpoint and 75 elsewhere.
+    let port = envoy.port;
+    let responses = load(25, 12, move |agent, i| {
+        let key = if i % 2 == 0 { "sk_alice" } else { "sk_bob" };
+        let path = if (i / 2) % 2 == 0 {
+            "/v1/items"
+        } else {
+            "/v1/other"
+        };
+        send(
+            agent,
+            "GET",
+            &format!("http://127.0.0.1:{port}{path}"),
+            &[("x-api-key", key)],
+        )
+    })?;
+    for parity in [0, 1] {
+        let mine: Vec<(usize, &Response)> = responses
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == parity)
+            .collect();
+        let allowed = |items: bool| {
+            mine.iter()
+                .filter(|(i, r)| ((i / 2) % 2 == 0) == items && r.status == 200)
+                .count()
+        };
+        let (items, other) = (allowed(true), allowed(false));
+        assert_eq!(items + other, BUDGET, "key {parity}: {items} + {other}");
+        assert!(
+            items <= ITEMS,
+            "key {parity}: {items} endpoint requests allowed"
+        );
+        let limited = mine.iter().filter(|(_, r)| r.status == 429).count();
+        assert_eq!(limited, 150 - BUDGET, "key {parity}");
+    }
+    assert_eq!(upstream.hits(), 2 * BUDGET);
+    let workers = envoy.worker_connections()?;
+    assert!(
+        workers.iter().all(|&n| n > 0),
+        "both workers must have served connections: {workers:?}"
+    );
+    eventually(Duration::from_secs(5), || {
+        let (allowed, fail_open) = (envoy.stat("allowed")?, envoy.stat("fail_open")?);
+        anyhow::ensure!(
+            (allowed, fail_open) == (2 * BUDGET as u64, 0),
+            "stats allowed={allowed} fail_open={fail_open}"
         );
         Ok(())
     })?;
