@@ -6,7 +6,9 @@
 //! enforcing rule denies, the units already taken from earlier rules are given back. A store
 //! that groups by subject ([`CounterStore::groups_by_subject`]) keeps one record per subject,
 //! and consecutive rules of one subject share one read and one CAS write: a unit of the
-//! protocol is then a subject's run of rules rather than one rule, with the same answers. Two-phase
+//! protocol is then a subject's run of rules rather than one rule, with the same answers. Within
+//! a unit the rules are all-or-nothing: when one denies, the rules before it in the same unit are
+//! given back in that unit's one write, so the window described next exists only across units. Two-phase
 //! commit would need a lock or a multi-key transaction, which proxy-wasm shared data does not
 //! have, and a Durable Object does not need. The cost of refunds: between the take and the
 //! refund another request can see a counter that is briefly `cost` lower than it will settle —
