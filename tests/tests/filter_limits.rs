@@ -37,15 +37,38 @@ fn statuses(envoy: &Envoy, n: usize, headers: &[(&str, &str)]) -> Result<Vec<u16
         .collect()
 }
 
+/// API keys `sk_alice` and `sk_bob`, on the enterprise plan (no built-in limits of its own).
+fn alice_and_bob() -> Value {
+    json!([
+        {"id": "alice", "hash": key_hash("sk_alice"), "plan": "enterprise"},
+        {"id": "bob", "hash": key_hash("sk_bob"), "plan": "enterprise"}
+    ])
+}
+
+/// Both of Envoy's workers served connections (so the load crossed VMs), and the filter's stats
+/// come to `expected` (stats reach the admin page on the next tick: waited for).
+fn both_workers_served_and_stats_are(envoy: &Envoy, expected: &[(&str, u64)]) -> Result<()> {
+    let workers = envoy.worker_connections()?;
+    assert!(
+        workers.iter().all(|&n| n > 0),
+        "both workers must have served connections: {workers:?}"
+    );
+    eventually(Duration::from_secs(5), || {
+        let got = expected
+            .iter()
+            .map(|(name, _)| Ok((*name, envoy.stat(name)?)))
+            .collect::<Result<Vec<_>>>()?;
+        anyhow::ensure!(got == expected, "stats {got:?}, expected {expected:?}");
+        Ok(())
+    })
+}
+
 #[test]
 fn exact_enforcement_per_key_under_concurrent_load_across_both_workers() -> Result<()> {
     const LIMIT: usize = 50;
     let policy = json!({
         "version": 1,
-        "keys": [
-            {"id": "alice", "hash": key_hash("sk_alice"), "plan": "enterprise"},
-            {"id": "bob", "hash": key_hash("sk_bob"), "plan": "enterprise"}
-        ],
+        "keys": alice_and_bob(),
         "rules": [{"name": "per_key", "algorithm": "fixed_window", "limit": LIMIT, "window": "1h"}]
     });
     let (envoy, upstream) = start(policy, json!({}))?;
@@ -102,20 +125,7 @@ fn exact_enforcement_per_key_under_concurrent_load_across_both_workers() -> Resu
         2 * LIMIT,
         "denied requests never reach the upstream"
     );
-    let workers = envoy.worker_connections()?;
-    assert!(
-        workers.iter().all(|&n| n > 0),
-        "both workers must have served connections: {workers:?}"
-    );
-    eventually(Duration::from_secs(5), || {
-        let (allowed, limited) = (envoy.stat("allowed")?, envoy.stat("limited")?);
-        anyhow::ensure!(
-            (allowed, limited) == (2 * LIMIT as u64, 200),
-            "stats allowed={allowed} limited={limited}"
-        );
-        Ok(())
-    })?;
-    Ok(())
+    both_workers_served_and_stats_are(&envoy, &[("allowed", 2 * LIMIT as u64), ("limited", 200)])
 }
 
 /// A caller's tiers share one shared-data entry and are decided together, with one CAS write per
@@ -130,10 +140,7 @@ fn tiers_of_one_caller_are_decided_together_under_concurrent_load() -> Result<()
     const ITEMS: usize = 25;
     let policy = json!({
         "version": 1,
-        "keys": [
-            {"id": "alice", "hash": key_hash("sk_alice"), "plan": "enterprise"},
-            {"id": "bob", "hash": key_hash("sk_bob"), "plan": "enterprise"}
-        ],
+        "keys": alice_and_bob(),
         "rules": [
             {"name": "budget", "algorithm": "fixed_window", "limit": BUDGET, "window": "1h"},
             {"name": "items", "algorithm": "fixed_window", "limit": ITEMS, "window": "1h",
@@ -178,20 +185,7 @@ fn tiers_of_one_caller_are_decided_together_under_concurrent_load() -> Result<()
         assert_eq!(limited, 150 - BUDGET, "key {parity}");
     }
     assert_eq!(upstream.hits(), 2 * BUDGET);
-    let workers = envoy.worker_connections()?;
-    assert!(
-        workers.iter().all(|&n| n > 0),
-        "both workers must have served connections: {workers:?}"
-    );
-    eventually(Duration::from_secs(5), || {
-        let (allowed, fail_open) = (envoy.stat("allowed")?, envoy.stat("fail_open")?);
-        anyhow::ensure!(
-            (allowed, fail_open) == (2 * BUDGET as u64, 0),
-            "stats allowed={allowed} fail_open={fail_open}"
-        );
-        Ok(())
-    })?;
-    Ok(())
+    both_workers_served_and_stats_are(&envoy, &[("allowed", 2 * BUDGET as u64), ("fail_open", 0)])
 }
 
 /// Limit 3 for every algorithm: three requests pass, the next two are denied.
