@@ -37,23 +37,6 @@ const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const DEBIAN_RUSTDOC: &str = "/usr/bin/rustdoc";
 const DEBIAN_TARGET_DIR: &str = "target/wasm-debian";
 
-/// Where cargo takes extra compiler flags for wasm32 builds only.
-const RUSTFLAGS_VAR: &str = "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS";
-
-/// Packages built with wasm SIMD: the proxy-wasm filters, which Envoy's V8 runs with SIMD. With
-/// it the Tollgate filter cost 2–6 µs less Envoy CPU per request in two A/B runs of 8 rounds (13
-/// of 16 rounds cheaper; benches/README.md, "2026-11-25, afternoon"). Not the Worker: the
-/// wasm-opt that `worker-build` runs after wasm-bindgen is not told to enable SIMD and refuses
-/// the module. Not every wasm32 build through `.cargo/config.toml` for the same reason.
-const SIMD_PACKAGES: [&str; 2] = ["tollgate-filter", "tollgate-bench-passthrough"];
-
-/// Extra compiler flags for `package`'s wasm32 build, if any.
-fn rustflags(package: &str) -> Option<&'static str> {
-    SIMD_PACKAGES
-        .contains(&package)
-        .then_some("-C target-feature=+simd128")
-}
-
 /// Builds `package` for wasm32-unknown-unknown with cargo profile `profile`, with whichever
 /// toolchain this machine has, and returns the build's main output: the `.wasm` module for a
 /// `cdylib` crate, or the `.rlib` for a library-only one (which proves it compiles for wasm32).
@@ -190,9 +173,6 @@ impl Toolchain {
             "--target",
             TARGET,
         ]);
-        if let Some(flags) = rustflags(package) {
-            build = build.env(RUSTFLAGS_VAR, flags);
-        }
         if let Self::Debian { .. } = self {
             build = build.args([
                 "-Zbuild-std=std,panic_abort",
