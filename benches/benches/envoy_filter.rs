@@ -67,13 +67,12 @@ use tollgate_e2e::{
     envoy_binary, eventually, filter_wasm, free_port, guarded, http_get, listener_bootstrap,
     scratch_dir, static_cluster,
 };
+use tollgate_filter::timing::REPORT_PREFIX;
 
 /// Where `cargo xtask bench` puts the do-nothing filter's wasm.
 const PASSTHROUGH_WASM_VAR: &str = "TOLLGATE_PASSTHROUGH_WASM";
 /// Set to shorten every run.
 const QUICK_VAR: &str = "TOLLGATE_BENCH_QUICK";
-/// How a `timing` build of the filter starts its log lines (`filter/src/timing.rs`).
-const TIMING_LINE: &str = "tollgate timing";
 /// Another build of the filter to compare with (A/B mode).
 const COMPARE_WASM_VAR: &str = "TOLLGATE_BENCH_COMPARE_WASM";
 /// Rounds of the A/B mode.
@@ -631,7 +630,7 @@ impl BenchEnvoy {
         let log = std::fs::read_to_string(&self.log).ok()?;
         log.lines()
             .rev()
-            .find_map(|l| l.find(TIMING_LINE).map(|at| l[at..].to_string()))
+            .find_map(|l| l.find(REPORT_PREFIX).map(|at| l[at..].to_string()))
     }
 
     /// VmRSS from /proc/<pid>/status, in KiB.

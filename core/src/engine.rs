@@ -19,6 +19,7 @@
 //! shadow denial lets the request through and is reported; shadow rules never appear in
 //! client-facing headers.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -28,7 +29,7 @@ use crate::hash;
 use crate::policy::document::{FailureMode, Mode, Scope};
 use crate::policy::CompiledRule;
 use crate::policy::{Identity, Policy};
-use crate::record::{rule_id, Record};
+use crate::record::Record;
 use crate::time::Timestamp;
 
 /// How many times a counter update is retried on CAS conflicts before the failure mode applies.
@@ -165,21 +166,21 @@ pub struct StoreStats {
 
 /// One store entry a request reads and writes: a single counter, or (for a store that groups
 /// by subject) the record of consecutive checks' common subject.
-struct Unit {
-    /// The store key: the counter's, or the subject record's.
-    key: CounterKey,
+struct Unit<'c> {
+    /// The store key: the counter's (borrowed from its check), or the subject record's.
+    key: Cow<'c, CounterKey>,
     /// The checks it holds, as indices into the request's checks.
     checks: Range<usize>,
 }
 
 /// The request's store entries, in check order.
-fn units(checks: &[Check], grouped: bool) -> Vec<Unit> {
+fn units(checks: &[Check], grouped: bool) -> Vec<Unit<'_>> {
     let mut units: Vec<Unit> = Vec::with_capacity(checks.len());
     let mut last_subject = None;
     for (i, check) in checks.iter().enumerate() {
         if !grouped {
             units.push(Unit {
-                key: check.key.clone(),
+                key: Cow::Borrowed(&check.key),
                 checks: i..i + 1,
             });
             continue;
@@ -188,7 +189,7 @@ fn units(checks: &[Check], grouped: bool) -> Vec<Unit> {
         match units.last_mut() {
             Some(last) if last_subject == Some(subject) => last.checks.end = i + 1,
             _ => units.push(Unit {
-                key: check.key.subject_record(),
+                key: Cow::Owned(check.key.subject_record()),
                 checks: i..i + 1,
             }),
         }
@@ -213,17 +214,17 @@ impl Held {
     }
 
     /// The state of `rule`'s counter (the entry's own state when it holds one counter).
-    fn get(&self, rule: &str) -> Option<&[u8]> {
+    fn get(&self, rule: &CompiledRule) -> Option<&[u8]> {
         match self {
             Self::Single(state) => state.as_deref(),
-            Self::Record(record) => record.get(rule_id(rule)),
+            Self::Record(record) => record.get(rule.record_id),
         }
     }
 
-    fn set(&mut self, rule: &str, state: Vec<u8>) {
+    fn set(&mut self, rule: &CompiledRule, state: Vec<u8>) {
         match self {
             Self::Single(held) => *held = Some(state),
-            Self::Record(record) => record.set(rule_id(rule), state),
+            Self::Record(record) => record.set(rule.record_id, state),
         }
     }
 
@@ -374,12 +375,12 @@ impl Policy {
                 let given_back = pending.is_empty()
                     || update(store, &unit.key, grouped, &mut d.stats, |held| {
                         for check in &pending {
-                            let state = check.rule.limiter.refund(
-                                held.get(&check.rule.name),
-                                now,
-                                req.cost,
-                            );
-                            held.set(&check.rule.name, state);
+                            let state =
+                                check
+                                    .rule
+                                    .limiter
+                                    .refund(held.get(&check.rule), now, req.cost);
+                            held.set(&check.rule, state);
                         }
                     })
                     .is_ok();
@@ -457,14 +458,14 @@ impl Policy {
             let was_denied = d.denied();
             let mut taken = false;
             for (i, check) in unit.checks.clone().zip(mine) {
-                let state = held.get(&check.rule.name);
+                let state = held.get(&check.rule);
                 let outcome = if d.denied() {
                     // Already denied: read the rest only so headers can show the tightest limit.
                     check.rule.limiter.peek(state, now)
                 } else {
                     let (outcome, next) = check.rule.limiter.acquire(state, now, cost);
                     if outcome.allowed && cost > 0 {
-                        held.set(&check.rule.name, next);
+                        held.set(&check.rule, next);
                         taken = true;
                     }
                     outcome
@@ -477,11 +478,8 @@ impl Policy {
                 // entries are refunded after, in `decide`).
                 for &i in &d.committed[mark.committed..] {
                     let check = &checks[i];
-                    let state = check
-                        .rule
-                        .limiter
-                        .refund(held.get(&check.rule.name), now, cost);
-                    held.set(&check.rule.name, state);
+                    let state = check.rule.limiter.refund(held.get(&check.rule), now, cost);
+                    held.set(&check.rule, state);
                     d.refunded.push(i);
                 }
             }
@@ -520,7 +518,7 @@ impl Policy {
             };
             let held = Held::new(stored.bytes, grouped);
             for check in &checks[unit.checks] {
-                let outcome = check.rule.limiter.peek(held.get(&check.rule.name), now);
+                let outcome = check.rule.limiter.peek(held.get(&check.rule), now);
                 statuses.push(RuleStatus::new(&check.rule, check.enforced, outcome, now));
             }
         }
@@ -552,11 +550,8 @@ impl Policy {
             }
             let charged = update(store, &unit.key, grouped, &mut stats, |held| {
                 for check in &metered {
-                    let state = check
-                        .rule
-                        .limiter
-                        .charge(held.get(&check.rule.name), now, cost);
-                    held.set(&check.rule.name, state);
+                    let state = check.rule.limiter.charge(held.get(&check.rule), now, cost);
+                    held.set(&check.rule, state);
                 }
             });
             if charged.is_err() {
@@ -579,13 +574,13 @@ impl Policy {
         if let Some(rule) = rule {
             let grouped = store.groups_by_subject();
             let key = if grouped {
-                lease.key.subject_record()
+                Cow::Owned(lease.key.subject_record())
             } else {
-                lease.key.clone()
+                Cow::Borrowed(&lease.key)
             };
             if update(store, &key, grouped, &mut stats, |held| {
-                let state = rule.limiter.refund(held.get(&lease.rule), now, lease.cost);
-                held.set(&lease.rule, state);
+                let state = rule.limiter.refund(held.get(rule), now, lease.cost);
+                held.set(rule, state);
             })
             .is_err()
             {

@@ -27,9 +27,9 @@
 //! holds at most a tick's worth of traffic.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use serde::Serialize;
-use std::time::Duration;
 
 use crate::config::Batching;
 use crate::store::{HostError, SharedData};

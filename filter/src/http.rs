@@ -376,10 +376,12 @@ impl HttpContext for Request {
             None => return Action::Continue,
             Some(d) => d.local_status.is_some(),
         };
+        // Read for our own replies too: the log phase would otherwise ask for the
+        // `response.code` property on every denied request.
+        self.response_status = host::response_header(":status").and_then(|s| s.parse().ok());
         if local {
             return Action::Continue; // our own reply already carries its headers
         }
-        self.response_status = host::response_header(":status").and_then(|s| s.parse().ok());
         self.charge_reported_cost();
         let mut watch = Stopwatch::start();
         if let Some(decided) = &self.decided {

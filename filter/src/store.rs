@@ -97,19 +97,13 @@ fn vacant() -> Vec<u8> {
 /// a configuration with another size gets a fresh table instead of misreading the old one.
 pub fn slot_key(slots: u32, n: u32) -> String {
     let mut key = String::new();
-    write_slot_key(&mut key, slots, n);
+    write_table_prefix(&mut key, slots);
+    key.push_str(itoa::Buffer::new().format(n));
     key
 }
 
-/// [`slot_key`] into `key`, replacing what it held. By hand, not with `format!`: it runs twice
-/// per subject of every request.
-fn write_slot_key(key: &mut String, slots: u32, n: u32) {
-    key.clear();
-    write_table_prefix(key, slots);
-    key.push_str(itoa::Buffer::new().format(n));
-}
-
-/// `tg:w128:<slots>:`, the part of every slot key its table shares.
+/// `tg:w128:<slots>:`, the part of every slot key its table shares. By hand, not with
+/// `format!`: [`SlotStore`] writes it once and then only changes the slot number after it.
 fn write_table_prefix(key: &mut String, slots: u32) {
     // `w128`: the value layout (128-byte subject records; `w64` held one counter per slot), so
     // a filter with another layout never misreads this table.
@@ -119,7 +113,10 @@ fn write_table_prefix(key: &mut String, slots: u32) {
 }
 
 fn marker_key(slots: u32) -> String {
-    format!("tg:w128:{slots}:ready")
+    let mut key = String::new();
+    write_table_prefix(&mut key, slots);
+    key.push_str("ready");
+    key
 }
 
 /// Writes every slot of the table (vacant) unless the table is already marked done. Returns

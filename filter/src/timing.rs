@@ -23,7 +23,7 @@ pub enum Part {
     Verdict,
     /// The rate-limit headers added to the upstream's response.
     ResponseHeaders,
-    /// The log phase before the event: leases released, status, size and clock read.
+    /// The log phase before the event: leases released, status and clock read.
     LogPhase,
     /// Building the usage event.
     EventBuild,
@@ -67,11 +67,14 @@ impl Part {
 /// Requests averaged in one report.
 pub const REPORT_EVERY: u64 = 20_000;
 
+/// How every report line starts (the Envoy bench finds the lines by it).
+pub const REPORT_PREFIX: &str = "tollgate timing";
+
 /// The report line for `totals` (nanoseconds by [`Part`]) over `requests` requests: the
 /// average of each part and their sum, in µs.
 pub fn report(totals: &Totals, requests: u64) -> String {
     let avg = |ns: u64| ns as f64 / 1_000.0 / requests.max(1) as f64;
-    let mut line = format!("tollgate timing, µs per request over {requests} requests:");
+    let mut line = format!("{REPORT_PREFIX}, µs per request over {requests} requests:");
     for (part, ns) in Part::ALL.iter().zip(totals) {
         line.push_str(&format!(" {}={:.2}", part.name(), avg(*ns)));
     }

@@ -58,6 +58,9 @@ pub struct CompiledRule {
     pub rollout_percent: u8,
     /// A sentence for the 429 body: "100 requests per 1h per user".
     pub description: String,
+    /// The rule's id in a subject record (`crate::record`), worked out once here rather than
+    /// hashed from the name for every tier of every request.
+    pub(crate) record_id: u32,
     spec: RuleSpec,
 }
 
@@ -637,6 +640,7 @@ fn compile_rule(spec: &RuleSpec, name: &str, field: &str) -> Result<CompiledRule
         mode: spec.mode,
         rollout_percent,
         description: describe(spec, spec.limit, spec.burst),
+        record_id: rule_id(name),
         spec: spec.clone(),
     })
 }
